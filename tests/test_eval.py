@@ -1,0 +1,72 @@
+import json
+import math
+
+import pytest
+import torch
+
+from spinquant.errors import UserError
+from spinquant.eval import cli, main, perplexity, token_windows
+from spinquant.models import load_model, tiny_llama, tiny_llama_config
+
+
+def test_perplexity_is_exp_of_mean_token_nll():
+    model = tiny_llama(tiny_llama_config(), dtype=torch.float32)
+    windows = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    nll = -logp.gather(-1, windows[:, 1:, None]).mean().item()
+    assert perplexity(model, windows, batch_size=2, progress=False) == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_windows_are_non_overlapping_and_tail_dropped(tiny_hf_dir):
+    tok = load_model(str(tiny_hf_dir)).tokenizer
+    text = (tiny_hf_dir.parent / "text.txt").read_text()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    w = token_windows(tok, text, 64, None)
+    assert w.shape == (len(ids) // 64, 64)
+    assert w.flatten().tolist() == ids[: w.numel()]
+    assert token_windows(tok, text, 64, 2).shape == (2, 64)
+    with pytest.raises(UserError, match="fewer than one window"):
+        token_windows(tok, "a b", 64, None)
+
+
+def test_cli_on_local_hf_dir_writes_json(tiny_hf_dir, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64"]
+    fp = main(args + ["--output", str(out)])
+    q = main(args + ["--rotation", "hadamard", "--quant", "w4a4kv4", "--kv-group", "16"])
+    saved = json.loads(out.read_text())
+    assert saved["perplexity"] == fp["perplexity"] and len(saved["text_sha256"]) == 64
+    assert q["quant"]["k_bits"] == 4 and q["perplexity"] != fp["perplexity"]
+    rotated_fp = main(args + ["--rotation", "hadamard"])
+    assert rotated_fp["perplexity"] == pytest.approx(fp["perplexity"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "llama-9000"], "unknown model 'llama-9000'"),
+        (["--text", "/nonexistent.txt"], "text file not found: /nonexistent.txt"),
+        (["--quant", "w2a2"], "unknown quantization setting 'w2a2'"),
+    ],
+)
+def test_cli_bad_input_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(argv + ["--max-windows", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_non_llama_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UserError, match="'gpt2' model; only Llama-architecture"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.demo
+def test_demo_model_is_smollm2(demo):
+    c = demo.model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 576, 9, 3, 64)
+    assert c.intermediate_size == 1536 and demo.model.lm_head.weight is demo.model.model.embed_tokens.weight
+    windows = token_windows(demo.tokenizer, "The capital of France is Paris. " * 100, 128, 1)
+    assert 1 < perplexity(demo.model, windows, progress=False) < 20

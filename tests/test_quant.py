@@ -1,0 +1,96 @@
+import copy
+
+import pytest
+import torch
+from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerGroup, quantize_
+
+from spinquant.errors import UserError
+from spinquant.models import tiny_llama, tiny_llama_config
+from spinquant.quant import fake_quantize, fake_quantize_weight_mse, quantize_model, setting
+
+
+def outlier_input(rows=7, n=1536, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen)
+    x[:, 5] *= 80  # an outlier channel, as at SmolLM2's down_proj input
+    return x
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_w4a8_matches_torchao_8da4w(group):
+    torch.manual_seed(group)
+    linear = torch.nn.Linear(1536, 96, bias=False)
+    x = outlier_input()
+    reference = copy.deepcopy(linear)
+    quantize_(reference, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)))
+    ours = torch.nn.functional.linear(fake_quantize(x, 8, 0, symmetric=False), fake_quantize(linear.weight, 4, group, symmetric=True))
+    expected = reference(x)
+    assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert not torch.allclose(ours, linear(x), atol=1e-3)  # it really quantized
+
+
+def test_int4_weights_match_torchao_weight_only():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 32, bias=False)
+    reference = copy.deepcopy(linear)
+    quantize_(reference, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    assert torch.allclose(reference.weight.dequantize(), fake_quantize(linear.weight, 4, 32, symmetric=True), atol=1e-7)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, False), (3, True)])
+def test_fake_quantize_uses_at_most_2_pow_bits_levels_per_group(bits, symmetric):
+    x = torch.randn(4, 128, dtype=torch.float64)
+    q = fake_quantize(x, bits, 32, symmetric).unflatten(-1, (4, 32))
+    for row in q.flatten(0, 1):
+        assert row.unique().numel() <= 2**bits
+    err = (q.flatten(-2) - x).abs().max()
+    assert 0 < err < (x.abs().max() * 2 / (2**bits - 1))
+
+
+def test_asymmetric_activations_keep_zero_exact():
+    x = torch.rand(3, 64) + 0.5
+    x[:, 0] = 0.0
+    assert torch.equal(fake_quantize(x, 8, 0, symmetric=False)[:, 0], torch.zeros(3))
+
+
+def test_clip_ratio_clips():
+    x = torch.linspace(-1, 1, 64)[None]
+    # Symmetric scale is clip·max / 127.5 and the code -128 is reachable, as in torchao.
+    assert fake_quantize(x, 8, 0, symmetric=True, clip=0.5).abs().max() <= 0.5 * 128 / 127.5 + 1e-6
+
+
+def test_mse_clip_search_never_worse_than_round_to_nearest():
+    w = torch.randn(64, 256, dtype=torch.float64)
+    w[:, ::50] *= 10
+    rtn = (fake_quantize(w, 4, 32, True) - w).pow(2).sum()
+    mse = (fake_quantize_weight_mse(w, 4, 32, True) - w).pow(2).sum()
+    assert mse < rtn
+
+
+def test_bits_16_is_identity_and_bad_group_refused():
+    x = torch.randn(2, 48)
+    assert fake_quantize(x, 16) is x
+    with pytest.raises(UserError, match="group size 32 does not divide the dimension 48"):
+        fake_quantize(x, 4, 32)
+
+
+def test_quantize_model_weights_activations_and_kv():
+    config = tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16)
+    ids = torch.randint(0, 128, (1, 16))
+    ref = tiny_llama(config, dtype=torch.float32)
+    with torch.no_grad():
+        fp = ref(ids).logits
+        outputs = {}
+        for name in ("w4a16", "w4a8", "w4a4kv4"):
+            model = quantize_model(tiny_llama(config, dtype=torch.float32), setting(name, kv_group=16))
+            outputs[name] = model(ids).logits
+            assert torch.equal(model.lm_head.weight, ref.lm_head.weight)  # lm_head stays float by default
+    errors = {k: (v - fp).abs().max().item() for k, v in outputs.items()}
+    assert 0 < errors["w4a16"] < errors["w4a4kv4"]
+    assert errors["w4a16"] != errors["w4a8"]
+
+
+def test_group_that_does_not_divide_a_layer_is_refused():
+    model = tiny_llama(tiny_llama_config(hidden=96, intermediate=192, heads=3, kv_heads=3), dtype=torch.float32)
+    with pytest.raises(UserError, match="group size 64 does not divide .*96 inputs"):
+        quantize_model(model, setting("w4a16", w_group=64))

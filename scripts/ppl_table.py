@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from spinquant.environment import describe_environment, environment_line
-from spinquant.eval import DEFAULT_TEXT, perplexity, read_text, text_sha256, token_windows, write_json_atomic
+from spinquant.eval import DEFAULT_TEXT, perplexity, read_text, text_sha256, token_windows
+from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.quant import quantize_model, setting
 from spinquant.rotation import Rotations, apply_rotations, rotations_for
@@ -89,7 +90,7 @@ def main() -> None:
         write_json_atomic(json_path, results)
     command = "python scripts/ppl_table.py " + " ".join(sys.argv[1:])
     md = args.output.with_suffix(".md")
-    md.write_text(markdown(results, command.strip()))
+    write_atomic(md, markdown(results, command.strip()).encode())
 
 
 if __name__ == "__main__":

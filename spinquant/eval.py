@@ -6,11 +6,8 @@ The field's convention: tokenize the whole text once, cut it into non-overlappin
 
 import argparse
 import hashlib
-import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,6 +18,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError, one_line_errors
+from spinquant.files import write_json_atomic
 from spinquant.models import load_model
 from spinquant.quant import SETTINGS, QuantConfig, quantize_model, setting
 from spinquant.rotation import apply_rotations, rotations_for
@@ -67,14 +65,6 @@ def evaluate(model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: 
     model = apply_rotations(loaded.model, rotations_for(rotation, loaded.model.config, seed, r3=qc.quantizes_kv))
     quantize_model(model, qc)
     return perplexity(model, windows_of(loaded.tokenizer))
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,11 +28,12 @@ SAMPLE_TEXT = (
 ) * 40
 
 
-@pytest.fixture
-def tiny_hf_dir(tmp_path):
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
     """A saved random tiny Llama with a real tokenizer: the 'local HF directory' input."""
     from spinquant.models import tiny_llama, tiny_llama_config
 
+    tmp_path = tmp_path_factory.mktemp("tiny_hf")
     tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
     config = tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=len(tokenizer))
     model = tiny_llama(config, dtype=torch.float32)

@@ -1,0 +1,133 @@
+"""`python -m export.to_pte`: rotated, quantized Llama with KV cache → XNNPACK ExecuTorch program.
+
+load → fuse rotations → quantize with torchao → torch.export (static KV cache, dynamic prompt
+length) → XNNPACK lowering → .pte, tokenizer.json and export_report.json in --output-dir.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
+from export.program import export_program, lower_to_executorch, metadata
+from export.quantize import quantize_for_export
+from export.verify import PROMPT, check_agreement, compare_with_eager
+from spinquant.environment import describe_environment
+from spinquant.errors import UserError, one_line_errors
+from spinquant.files import write_atomic, write_json_atomic
+from spinquant.models import load_model
+from spinquant.rotation import apply_rotations, rotations_for
+
+
+def parse_args(argv: list[str] | None) -> ExportOptions:
+    p = argparse.ArgumentParser(prog="python -m export.to_pte", description=__doc__.splitlines()[0])
+    d = ExportOptions()
+    p.add_argument("--config", type=Path, help="YAML file whose keys mirror these flags (flags win)")
+    p.add_argument("--model", help=f"built-in name, .gguf file or HF directory (default {d.model})")
+    p.add_argument("--rotation", help=f"none | r4 | hadamard | orthogonal | rotation file (default {d.rotation})")
+    p.add_argument("--qlinear", help=f"{' | '.join(QLINEAR)} (default {d.qlinear})")
+    p.add_argument("--group-size", type=int, help=f"{' | '.join(map(str, GROUP_SIZES))} (default {d.group_size})")
+    p.add_argument("--qembedding", help=f"{' | '.join(QEMBEDDING)} (default {d.qembedding})")
+    p.add_argument("--lm-head", help=f"{' | '.join(LM_HEAD)} (default {d.lm_head})")
+    p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {d.max_seq_len})")
+    p.add_argument("--output-dir", type=Path, help=f"(default {d.output_dir})")
+    p.add_argument("--dtype", help=f"(default {d.dtype})")
+    p.add_argument("--seed", type=int, help="seed of random rotations")
+    p.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip running the .pte against eager")
+    args = vars(p.parse_args(argv))
+    values = options_from_yaml(args.pop("config")) if args.get("config") else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return ExportOptions(**values).check()
+
+
+def check_model_fits(model, opts: ExportOptions) -> None:
+    limit = model.config.max_position_embeddings
+    if opts.max_seq_len > limit:
+        raise UserError(f"--max-seq-len {opts.max_seq_len} is above the model's context of {limit} tokens")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tokenizer.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(tmp) / name).exists():
+                os.replace(Path(tmp) / name, out / name)
+
+
+def run(opts: ExportOptions) -> dict:
+    start = time.time()
+    out = opts.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(opts.model, torch.float32)
+    model = loaded.model.requires_grad_(False)
+    check_model_fits(model, opts)
+    rotations = rotations_for(opts.rotation, model.config, opts.seed)
+    apply_rotations(model, rotations)
+    quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
+    meta = metadata(model, loaded.tokenizer, opts.max_seq_len)
+    manager = lower_to_executorch(export_program(model, opts.max_seq_len), meta)
+    for stale in ("export_report.json", "model.pte"):
+        (out / stale).unlink(missing_ok=True)  # nothing from an earlier export may pass for this one's
+    pte_tmp = out / ".model.pte.unverified"
+    report = dict(
+        options=opts.record(), rotation=describe_rotations(rotations), metadata=meta,
+        pte_bytes=len(manager.buffer), parts=program_parts(model),
+        export_seconds=round(time.time() - start, 1), peak_rss_mb=round(peak_rss_mb()),
+        environment=describe_environment(),
+    )
+    try:
+        write_atomic(pte_tmp, manager.buffer)
+        if opts.verify:
+            prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+            agreement = compare_with_eager(pte_tmp, model, prompt, opts.max_seq_len)
+            report["verify"] = agreement.record()
+            check_agreement(agreement)
+        save_tokenizer(loaded.tokenizer, out)
+        os.replace(pte_tmp, out / "model.pte")
+    finally:
+        pte_tmp.unlink(missing_ok=True)
+    write_json_atomic(out / "export_report.json", report)
+    return report
+
+
+def describe_rotations(rot) -> dict:
+    return dict(r1=rot.r1 is not None, r2=rot.r2 is not None, r4_online_hadamard=rot.r4, r3=rot.r3, norms_folded=rot.folds_norms)
+
+
+def program_parts(model) -> dict:
+    """Bytes of each part's weights as quantized (int8 storage for int4 values, as torchao holds them)."""
+    def nbytes(module) -> int:
+        return sum(_tensor_bytes(t) for t in module.state_dict().values())
+
+    layers = model.model.layers
+    return dict(embedding=nbytes(model.model.embed_tokens), decoder_layers=nbytes(layers), lm_head=nbytes(model.lm_head))
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def main(argv: list[str] | None = None) -> None:
+    with one_line_errors("export.to_pte"):
+        opts = parse_args(argv)
+        report = run(opts)
+    v = report.get("verify")
+    check = f", verified: max |Δlogit| {v['max_abs_logit_diff']:.3g}, top-1 {v['top1_agreement']:.0%}" if v else ""
+    print(f"wrote {opts.output_dir / 'model.pte'} ({report['pte_bytes'] / 2**20:.1f} MiB) in {report['export_seconds']} s{check}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+
+from export.options import ExportOptions
+from export.program import with_static_cache
+from export.to_pte import main, parse_args, run
+from runner.pte import PteProgram
+from spinquant.errors import UserError
+from spinquant.models import load_model
+from spinquant.rotation import apply_rotations, rotations_for
+from export.quantize import quantize_for_export
+
+
+def eager_quantized(opts: ExportOptions):
+    model = load_model(opts.model).model.requires_grad_(False)
+    apply_rotations(model, rotations_for(opts.rotation, model.config, opts.seed))
+    return quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
+
+
+def assert_program_matches_eager(opts: ExportOptions, steps: int = 8, tol: float = 1e-3):
+    program = PteProgram(opts.output_dir / "model.pte")
+    eager = with_static_cache(eager_quantized(opts), opts.max_seq_len)
+    ids, pos = torch.tensor([[5, 17, 33, 2, 60, 7, 11]]), torch.arange(7)
+    with torch.no_grad():
+        for _ in range(steps + 1):  # prefill (every position), then decode steps
+            ours, ref = program.forward(ids, pos), eager(input_ids=ids, cache_position=pos)
+            assert ours.shape == ref.shape
+            assert (ours - ref).abs().max() < tol
+            ids, pos = ref[:, -1:].argmax(-1), pos[-1:] + 1
+
+
+@pytest.fixture(scope="module")
+def default_export(tiny_hf_dir, tmp_path_factory):
+    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=64, output_dir=tmp_path_factory.mktemp("pte"))
+    return opts, run(opts.check())
+
+
+def test_default_export_matches_eager_and_reports(default_export):
+    opts, report = default_export
+    assert_program_matches_eager(opts)
+    files = sorted(p.name for p in opts.output_dir.iterdir())
+    assert files == ["export_report.json", "model.pte", "tokenizer.json", "tokenizer_config.json"]
+    saved = json.loads((opts.output_dir / "export_report.json").read_text())
+    assert saved["options"]["qlinear"] == "8da4w" and saved["rotation"]["r4_online_hadamard"]
+    assert saved["pte_bytes"] == (opts.output_dir / "model.pte").stat().st_size
+    assert saved["verify"]["top1_agreement"] == 1.0 and saved["verify"]["max_abs_logit_diff"] < 1e-3
+    assert {"torch", "executorch", "torchao"} <= set(saved["environment"])
+
+
+def test_metadata_reads_back(default_export, tiny_hf_dir):
+    opts, _ = default_export
+    meta = PteProgram(opts.output_dir / "model.pte").metadata()
+    tok = load_model(str(tiny_hf_dir)).tokenizer
+    assert meta["get_max_seq_len"] == 64 and meta["get_n_layers"] == 2
+    assert meta["get_vocab_size"] == len(tok) and meta["get_bos_id"] == tok.bos_token_id
+    assert tok.eos_token_id in meta["get_eos_ids"]
+    assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(rotation="orthogonal", qlinear="8da8w", qembedding="none", lm_head="8da8w", group_size=64),
+        dict(rotation="none", qlinear="none", qembedding="4w", lm_head="8da4w", group_size=32),
+    ],
+    ids=["orthogonal-8da8w", "none-float-emb4w-lmhead8da4w"],
+)
+def test_other_supported_options_export_and_match(tiny_hf_dir, tmp_path, overrides):
+    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path, verify=False, **overrides)
+    run(opts.check())
+    assert_program_matches_eager(opts, steps=2)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--qlinear", "4w"], "--qlinear 4w: weight-only linears are miscomputed"),
+        (["--lm-head", "8w"], "--lm-head 8w: weight-only linears"),
+        (["--qlinear", "int3"], "--qlinear int3 is not supported"),
+        (["--group-size", "48"], "--group-size 48 is not supported"),
+        (["--dtype", "fp16"], "--dtype fp16 is not supported"),
+        (["--model", "nope-7b"], "unknown model 'nope-7b'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_model_dependent_refusals_come_before_any_file(tiny_hf_dir, tmp_path):
+    base = dict(model=str(tiny_hf_dir), output_dir=tmp_path, max_seq_len=32)
+    with pytest.raises(UserError, match="--max-seq-len 512 is above the model's context of 256"):
+        run(ExportOptions(**{**base, "max_seq_len": 512}).check())
+    with pytest.raises(UserError, match="--group-size 256 does not divide .* 64 inputs"):
+        run(ExportOptions(**base, group_size=256).check())
+    torch.save({"R1": torch.eye(32)}, tmp_path / "bad.bin")
+    with pytest.raises(UserError, match="'R1' is \\(32, 32\\), the model needs \\(64, 64\\)"):
+        run(ExportOptions(**base, rotation=str(tmp_path / "bad.bin")).check())
+    assert not list(tmp_path.glob("*.pte"))
+
+
+def test_config_yaml_mirrors_flags_and_flags_win(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rotation: hadamard\ngroup-size: 64\nmax_seq_len: 128\n")
+    opts = parse_args(["--config", str(cfg), "--group-size", "128"])
+    assert (opts.rotation, opts.group_size, opts.max_seq_len) == ("hadamard", 128, 128)
+    cfg.write_text("rotations: hadamard\n")
+    with pytest.raises(UserError, match="unknown option\\(s\\) rotations"):
+        parse_args(["--config", str(cfg)])
+
+
+def test_failed_verification_leaves_nothing_that_looks_valid(tiny_hf_dir, tmp_path, monkeypatch):
+    import export.to_pte as to_pte
+
+    (tmp_path / "model.pte").write_bytes(b"stale program from an earlier export")
+
+    def diverged(agreement):
+        raise UserError("diverged")
+
+    monkeypatch.setattr(to_pte, "check_agreement", diverged)
+    with pytest.raises(UserError, match="diverged"):
+        run(ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path, qlinear="8da8w").check())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

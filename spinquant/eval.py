@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,15 +49,20 @@ def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, ma
 
 
 @torch.no_grad()
-def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+def perplexity_of(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    """exp(mean next-token NLL) over the windows; `logits_of(batch)` gives (batch, seqlen, vocab) logits."""
     nll, count = 0.0, 0
-    device = next(model.parameters()).device
     for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="window", disable=not progress):
-        batch = batch.to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        logits = logits_of(batch)[:, :-1].float()
+        targets = batch[:, 1:].to(logits.device)
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
     return math.exp(nll / count)
+
+
+def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
+    device = next(model.parameters()).device
+    return perplexity_of(lambda b: model(b.to(device), use_cache=False).logits, windows, batch_size, progress)
 
 
 def evaluate(model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: int = 0, dtype=torch.float32) -> float:

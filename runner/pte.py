@@ -11,21 +11,46 @@ METADATA_METHODS = (
 
 
 def load_runtime_kernels() -> None:
-    """Kernels the programs need beyond the runtime's own: ExecuTorch's quantized embedding."""
+    """Kernels the programs need beyond the runtime's own: ExecuTorch's quantized embedding and our Hadamard."""
     import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_byte.out)
+
+    import kernels
+
+    kernels.load_into_executorch_runtime()
 
 
 class PteProgram:
     def __init__(self, path: Path):
-        from executorch.runtime import Runtime
+        import kernels
 
         load_runtime_kernels()
         self.path = Path(path)
-        self.program = Runtime.get().load_program(str(self.path))
+        self.program = kernels.load_program(self.path)  # held: a method does not keep its program alive
         self.forward_method = self.program.load_method("forward")
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         return self.forward_method.execute([input_ids, cache_position])[0]
+
+    def prefill_logits(self, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Logits (1, T, vocab) of a whole sequence from position 0, fed in chunks as a runner prefills."""
+        pieces = [
+            self.forward(part, torch.arange(start, start + part.shape[1]))
+            for start, part in zip(range(0, ids.shape[1], chunk), ids.split(chunk, dim=1))
+        ]
+        return torch.cat(pieces, dim=1)
+
+    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation with the KV cache, stopping at any of the program's end tokens."""
+        ends = set(self.metadata().get("get_eos_ids", []))
+        logits = self.prefill_logits(torch.tensor([prompt_ids]))
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            token = int(logits[0, -1].argmax())
+            if token in ends:
+                break
+            new.append(token)
+            logits = self.forward(torch.tensor([[token]]), torch.tensor([len(prompt_ids) + len(new) - 1]))
+        return new
 
     def metadata(self) -> dict:
         names = set(self.program.method_names)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import kernels  # noqa: F401  (registers torch.ops.spinquant.hadamard_transform)
 from spinquant import hadamard
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
@@ -41,7 +42,7 @@ class OnlineHadamardLinear(nn.Module):
         self.linear = linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(hadamard.hadamard_transform(x))
+        return self.linear(torch.ops.spinquant.hadamard_transform(x))
 
 
 def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = False) -> Rotations:

@@ -1,0 +1,138 @@
+"""Build the C++ kernel library once per source version, and load it into ExecuTorch's runtime.
+
+The build goes to kernels/cpu/build/<hash>/ (ignored by git), where the hash covers the C++
+sources, the CMake project and the ExecuTorch version it compiles against, so editing a source
+or upgrading ExecuTorch rebuilds and nothing else does.
+"""
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from spinquant.errors import UserError
+
+SOURCE_DIR = Path(__file__).parent / "cpu"
+BUILD_ROOT = SOURCE_DIR / "build"
+LIBRARY = "libspinquant_kernels.dylib" if sys.platform == "darwin" else "libspinquant_kernels.so"
+OPERATOR = "spinquant::hadamard_transform.out"
+MIN_CMAKE = (3, 28)
+LOAD_HINT = "call kernels.load_into_executorch_runtime() before loading the program"
+
+
+def _executorch_root() -> Path:
+    import executorch.version  # the package root without importing the runtime
+
+    return Path(executorch.version.__file__).parent
+
+
+def source_hash() -> str:
+    import executorch.version
+
+    h = hashlib.sha256(executorch.version.__version__.encode())
+    for path in sorted(SOURCE_DIR.glob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cmake() -> str:
+    """The cmake binary: the PyPI package's first, as it is the one pyproject pins."""
+    try:
+        import cmake
+
+        binary = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+    except ImportError:
+        binary = shutil.which("cmake")
+    if binary is None:
+        raise UserError("building the spinquant kernels needs cmake: pip install 'cmake>=3.28'")
+    version = re.search(r"(\d+)\.(\d+)", subprocess.run([binary, "--version"], capture_output=True, text=True).stdout)
+    if version is None or tuple(map(int, version.groups())) < MIN_CMAKE:
+        found = version.group(0) if version else "of unknown version"
+        raise UserError(f"cmake {found} at {binary} is too old for the spinquant kernels: pip install 'cmake>=3.28'")
+    return binary
+
+
+def _run(step: str, command: list[str], log: Path) -> None:
+    with log.open("a") as f:
+        result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        text = log.read_text()
+        if re.search("No CMAKE_CXX_COMPILER could be found|CMAKE_CXX_COMPILER not set|Could not find the compiler", text):
+            raise UserError(
+                "building the spinquant kernels needs a C++17 compiler: install g++ or clang "
+                "(apt-get install g++), or point CXX at one"
+            )
+        raise UserError(f"building the spinquant kernels failed at {step}; see {log}")
+
+
+def build_dir() -> Path:
+    """The build directory holding the library, test_hadamard and bench_hadamard; built if missing."""
+    target = BUILD_ROOT / source_hash()
+    if (target / LIBRARY).exists():
+        return target
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    print(f"spinquant kernels: building {target} (once per source change)", file=sys.stderr)
+    cmake = _cmake()
+    staging = Path(tempfile.mkdtemp(dir=BUILD_ROOT, prefix="tmp-"))
+    log = staging / "build.log"
+    prefix = _executorch_root() / "share" / "cmake"
+    _run("configure", [cmake, "-S", str(SOURCE_DIR), "-B", str(staging), f"-DCMAKE_PREFIX_PATH={prefix}"], log)
+    _run("compile", [cmake, "--build", str(staging), "-j", str(os.cpu_count() or 1)], log)
+    try:
+        staging.rename(target)  # atomic: a concurrent build of the same sources may have won
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in BUILD_ROOT.glob("?" * len(target.name)):  # builds of earlier sources
+        if old != target and re.fullmatch("[0-9a-f]+", old.name):
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def build_library() -> Path:
+    """The shared library with `spinquant::hadamard_transform.out`, built once per source version."""
+    return build_dir() / LIBRARY
+
+
+def load_into_executorch_runtime() -> Path:
+    """Register our kernels in the ExecuTorch runtime this process uses; safe to call repeatedly."""
+    from executorch.runtime import Runtime  # first: the library binds to this runtime's registry
+
+    library = build_library()
+    ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    if OPERATOR not in Runtime.get().operator_registry.operator_names:
+        raise UserError(
+            f"{library} loaded but {OPERATOR} is not in ExecuTorch's operator registry: "
+            "the library was linked against another copy of the runtime"
+        )
+    return library
+
+
+def needs_our_kernels(program: bytes) -> bool:
+    """Whether a serialized program calls our operator (operator names are stored as plain text)."""
+    return b"spinquant::hadamard_transform" in program
+
+
+def load_program(program: Path | bytes):
+    """A .pte in ExecuTorch's Python runtime, with every method loaded so that a missing kernel
+    shows here. ExecuTorch reports one as "Failed to load method ..., error: 0x:14" (its log names
+    the operator); when ours is the one missing, this says how to fix it. Keep the returned
+    program referenced while using its methods: a method does not keep its program alive."""
+    from executorch.runtime import Runtime
+
+    data = program if isinstance(program, bytes) else Path(program).read_bytes()
+    runtime = Runtime.get()
+    loaded = runtime.load_program(data)
+    try:
+        for name in sorted(loaded.method_names):
+            loaded.load_method(name)
+    except RuntimeError as e:
+        if needs_our_kernels(data) and OPERATOR not in runtime.operator_registry.operator_names:
+            raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
+        raise
+    return loaded

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Build the C++ kernel test (kernels/cpu/test_hadamard.cpp) with AddressSanitizer and
+# UndefinedBehaviorSanitizer, and run it. The build is incremental: a rerun recompiles only what
+# changed. Set PYTHON to pick the interpreter whose executorch and cmake packages to use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python}
+prefix=$("$python" -c "import executorch.version as v, pathlib; print(pathlib.Path(v.__file__).parent / 'share' / 'cmake')")
+cmake=$("$python" -c "import cmake; print(cmake.CMAKE_BIN_DIR)")/cmake
+build=kernels/cpu/build/sanitize
+"$cmake" -S kernels/cpu -B "$build" -DSPINQUANT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+  -DCMAKE_PREFIX_PATH="$prefix" > "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
+"$cmake" --build "$build" --target test_hadamard -j "$(nproc)" >> "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
+UBSAN_OPTIONS=print_stacktrace=1 "$build/test_hadamard"

@@ -1,0 +1,217 @@
+"""spinquant::hadamard_transform: the eager op against a dense float64 H, its gradient, its input
+checks, torch.export, and the C++ kernel running inside real .pte programs in ExecuTorch's runtime."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from kernels import gen_tables
+from spinquant.errors import UserError
+from spinquant.hadamard import SUPPORTED_K, factor_size, hadamard_k, hadamard_matrix, sylvester
+
+REPO = Path(__file__).parent.parent
+hadamard_transform = torch.ops.spinquant.hadamard_transform
+
+
+def reference(x: torch.Tensor, dense_up_to: int = 4096) -> torch.Tensor:
+    """x @ hadamard_matrix(n) in float64. Past n = 4096 the dense matrix is too big to build, so
+    it is applied as its Kronecker factors H_K ⊗ S_m1 ⊗ S_m2 / √n, each a dense matrix."""
+    x64, n = x.double(), x.shape[-1]
+    if n <= dense_up_to:
+        return x64 @ hadamard_matrix(n)
+    k, m = factor_size(n)
+    m1 = 2 ** (int(math.log2(m)) // 2)
+    m2 = m // m1
+    factors = (hadamard_k(k), sylvester(m1), sylvester(m2))
+    y = torch.einsum("...abc,ad,be,cf->...def", x64.reshape(*x.shape[:-1], k, m1, m2), *factors)
+    return (y / math.sqrt(n)).reshape(x.shape)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |y - ref| over a row, relative to that row's norm, worst row."""
+    err = (y.double() - ref).abs().amax(-1) / ref.norm(dim=-1)
+    return err.max().item()
+
+
+def sizes() -> list[int]:
+    """Every supported K at m = 1, 2, 16, 128 and the largest 2^m with K·2^m ≤ 32768."""
+    out = []
+    for k in SUPPORTED_K:
+        largest = 2 ** int(math.log2(32768 // k))
+        out += sorted({k * m for m in (1, 2, 16, 128, largest) if k * m <= 32768})
+    return out
+
+
+@pytest.mark.parametrize("n", [12 * 256, 28 * 128, 4096])
+def test_factored_reference_equals_dense_matrix(n):
+    x = torch.randn(2, n, dtype=torch.float64)
+    assert (reference(x, dense_up_to=0) - x @ hadamard_matrix(n)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("n", sizes())
+def test_eager_op_matches_dense_float64_and_keeps_norm(n):
+    x = torch.randn(3, n)
+    y = hadamard_transform(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert relative_error(y, reference(x)) <= 1e-5
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_eager_op_other_dtypes(dtype):
+    x = torch.randn(4, 2, 1536).to(dtype)
+    y = hadamard_transform(x)
+    assert y.dtype == dtype
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    assert relative_error(y, reference(x)) <= tolerance
+
+
+@pytest.mark.parametrize("n", [12 * 128, 20 * 64, 44 * 32])
+def test_gradient_is_grad_times_h_transposed(n):
+    h = hadamard_matrix(n)
+    assert not torch.allclose(h, h.T)  # so the test tells H from Hᵀ
+    x = torch.randn(2, n, requires_grad=True)
+    g = torch.randn(2, n)
+    hadamard_transform(x).backward(g)
+    assert relative_error(x.grad, g.double() @ h.T) <= 1e-5
+
+
+def test_gradcheck_and_gradgradcheck_in_float64():
+    x = torch.randn(2, 12 * 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(hadamard_transform, (x,))
+    assert torch.autograd.gradgradcheck(hadamard_transform, (x,))
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: torch.randn(1536, 4).t(), ValueError, "contiguous"),
+        (lambda: torch.ones(2, 1536, dtype=torch.int32), TypeError, "torch.int32"),
+        (lambda: torch.randn(2, 4864), UserError, "4864"),  # 19·256
+    ],
+)
+def test_bad_inputs_name_the_op(make, error, words):
+    with pytest.raises(error, match=words) as info:
+        hadamard_transform(make())
+    assert "spinquant::hadamard_transform" in str(info.value)
+
+
+class Rotate(nn.Module):
+    def forward(self, x):
+        return hadamard_transform(x)
+
+
+def test_unsupported_size_fails_at_export_not_at_run_time():
+    with pytest.raises(UserError, match="spinquant::hadamard_transform.*4864"):
+        torch.export.export(Rotate(), (torch.randn(2, 4864),))
+
+
+def test_export_keeps_the_op_as_one_node():
+    ep = torch.export.export(Rotate(), (torch.randn(2, 1536),))
+    targets = [str(node.target) for node in ep.graph.nodes]
+    assert "spinquant.hadamard_transform.default" in targets
+    assert relative_error(ep.module()(x := torch.randn(2, 1536)), reference(x)) <= 1e-5
+
+
+def test_generated_table_header_is_current():
+    assert gen_tables.HEADER.read_text() == gen_tables.render()
+
+
+def test_missing_compiler_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    log = tmp_path / "build.log"
+    command = [kernels.build._cmake(), "-S", str(kernels.build.SOURCE_DIR), "-B", str(tmp_path / "b")]
+    with pytest.raises(UserError, match="needs a C\\+\\+17 compiler"):
+        kernels.build._run("configure", command, log)
+
+
+# ---- the C++ kernel inside ExecuTorch programs ----
+
+
+@pytest.fixture(scope="session")
+def runtime():
+    """ExecuTorch's Python runtime with our kernel library built (once) and loaded."""
+    from executorch.runtime import Runtime
+
+    kernels.load_into_executorch_runtime()
+    return Runtime.get()
+
+
+def to_pte(module: nn.Module, inputs: tuple, xnnpack: bool = False) -> bytes:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    ep = torch.export.export(module, inputs)
+    partitioner = [XnnpackPartitioner()] if xnnpack else []
+    return to_edge_transform_and_lower(ep, partitioner=partitioner).to_executorch().buffer
+
+
+class Mlp(nn.Module):
+    """Linear layers around the online rotation, as in a rotated Llama MLP."""
+
+    def __init__(self, hidden: int = 64, inner: int = 1536):
+        super().__init__()
+        self.up, self.down = nn.Linear(hidden, inner), nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.down(hadamard_transform(torch.relu(self.up(x))))
+
+
+def test_pte_with_xnnpack_linears_matches_eager(runtime):
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.randn(5, 64)
+    program = to_pte(model, (x,), xnnpack=True)
+    assert kernels.build.needs_our_kernels(program)
+    loaded = kernels.load_program(program)
+    y = loaded.load_method("forward").execute([x])[0]
+    with torch.no_grad():
+        expected = model(x)
+    assert relative_error(y, expected.double()) <= 1e-5
+
+
+class Many(nn.Module):
+    def forward(self, *xs):
+        return tuple(hadamard_transform(x) for x in xs)
+
+
+def kernel_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every K at m = 1, 8, 64, plus many rows of one size so the thread pool splits them."""
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3, k * m, generator=g) for k in SUPPORTED_K for m in (1, 8, 64)]
+    xs.append(torch.randn(2, 64, 1536, generator=g))
+    return [x.to(dtype) for x in xs]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_cpp_kernel_matches_dense_for_every_k(runtime, dtype, tolerance):
+    xs = kernel_inputs(dtype)
+    program = kernels.load_program(to_pte(Many(), tuple(xs)))  # referenced: methods need it alive
+    ys = program.load_method("forward").execute(xs)
+    for x, y in zip(xs, ys, strict=True):
+        assert y.dtype == dtype and y.shape == x.shape
+        assert relative_error(y, reference(x)) <= tolerance, f"n = {x.shape[-1]}"
+
+
+def test_pte_without_library_says_how_to_fix(tmp_path):
+    path = tmp_path / "rotate.pte"
+    path.write_bytes(to_pte(Rotate(), (torch.randn(2, 1536),)))
+    script = f"import kernels; kernels.load_program({str(path)!r})"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert "Missing operator: [0] spinquant::hadamard_transform.out" in result.stderr  # ExecuTorch's log
+    assert "kernels.load_into_executorch_runtime()" in result.stderr.splitlines()[-1]
+
+
+def test_cpp_kernel_under_address_and_undefined_behaviour_sanitizers():
+    script = REPO / "scripts" / "sanitize_kernels.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "0 failures" in result.stdout

@@ -52,6 +52,9 @@ def check_group_size(model: LlamaForCausalLM, qlinear: str, lm_head: str, qembed
 
 def quantize_for_export(model: LlamaForCausalLM, qlinear: str, lm_head: str, qembedding: str, group_size: int) -> LlamaForCausalLM:
     check_group_size(model, qlinear, lm_head, qembedding, group_size)
+    # padding_idx only shapes training gradients, and ExecuTorch's fusion of a dequantized
+    # embedding into its quantized-embedding kernel matches only the default (none).
+    model.model.embed_tokens.padding_idx = None
     if qembedding != "none" or lm_head != "none":
         untie_embeddings(model)  # embedding and lm_head get different tensor layouts
     decoder = lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head"  # noqa: E731

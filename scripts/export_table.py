@@ -100,8 +100,8 @@ def main() -> None:
             continue
         results["rows"][rotation] = measure(args.model, rotation, args.work_dir / rotation, text, args.max_windows)
         write_json_atomic(json_path, results)
-    command = "python scripts/export_table.py " + " ".join(sys.argv[1:])
-    write_atomic(args.output.with_suffix(".md"), markdown(results, command.strip()).encode())
+        command = "python scripts/export_table.py " + " ".join(sys.argv[1:])
+        write_atomic(args.output.with_suffix(".md"), markdown(results, command.strip()).encode())
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ def tiny_hf_dir(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("tiny_hf")
     tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
     config = tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=len(tokenizer))
+    config.pad_token_id = 0  # as in SmolLM2: the embedding gets a padding_idx, which export must handle
     model = tiny_llama(config, dtype=torch.float32)
     model.save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")

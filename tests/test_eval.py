@@ -45,7 +45,7 @@ def test_cli_on_local_hf_dir_writes_json(tiny_hf_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--model", "llama-9000"], "unknown model 'llama-9000'"),
+        (["--model", "llama-9000", "--text", __file__], "unknown model 'llama-9000'"),  # any existing text
         (["--text", "/nonexistent.txt"], "text file not found: /nonexistent.txt"),
         (["--quant", "w2a2"], "unknown quantization setting 'w2a2'"),
     ],

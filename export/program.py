@@ -4,7 +4,6 @@ The forward signature is ExecuTorch's LLM-runner convention, forward(input_ids[1
 cache_position[T]) -> logits, as transformers' exportable static-cache wrapper provides it.
 """
 
-import executorch.kernels.quantized  # noqa: F401  (the quant fusion's targets: quantized_decomposed::embedding_byte)
 import torch
 from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner

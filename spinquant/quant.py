@@ -77,9 +77,15 @@ def _scale_and_zero(x: torch.Tensor, bits: int, symmetric: bool, clip: torch.Ten
     return scale, zero
 
 
-def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator): lets rotations learn through quantization."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False) -> torch.Tensor:
     qmin, qmax = _qrange(bits)
-    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, qmin, qmax)
+    rounded = round_ste if ste else torch.round
+    q = torch.clamp(rounded(x * (1.0 / scale)) + zero, qmin, qmax)
     return (q - zero) * scale
 
 
@@ -91,22 +97,27 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.unflatten(-1, (n // group, group))
 
 
-def fake_quantize(x: torch.Tensor, bits: int, group: int = 0, symmetric: bool = False, clip: float = 1.0) -> torch.Tensor:
-    """Quantize-dequantize x in groups of `group` along its last dimension (0 = whole rows)."""
+def fake_quantize(
+    x: torch.Tensor, bits: int, group: int = 0, symmetric: bool = False, clip: float = 1.0, ste: bool = False
+) -> torch.Tensor:
+    """Quantize-dequantize x in groups of `group` along its last dimension (0 = whole rows).
+
+    With `ste` the rounding passes gradients straight through (scale and zero point stay differentiable).
+    """
     if bits >= 16:
         return x
     g = _grouped(x, group)
     scale, zero = _scale_and_zero(g, bits, symmetric, clip)
-    return _quant_dequant(g, scale, zero, bits).flatten(-2)
+    return _quant_dequant(g, scale, zero, bits, ste).flatten(-2)
 
 
-def fake_quantize_weight_mse(w: torch.Tensor, bits: int, group: int, symmetric: bool) -> torch.Tensor:
+def fake_quantize_weight_mse(w: torch.Tensor, bits: int, group: int, symmetric: bool, ste: bool = False) -> torch.Tensor:
     """Per group, the clip ratio from CLIP_GRID with the least squared error (a grid search)."""
     g = _grouped(w, group)
     best, best_err = None, None
     for ratio in CLIP_GRID:
         scale, zero = _scale_and_zero(g, bits, symmetric, ratio)
-        dq = _quant_dequant(g, scale, zero, bits)
+        dq = _quant_dequant(g, scale, zero, bits, ste)
         err = (dq - g).pow(2).sum(-1, keepdim=True)
         if best is None:
             best, best_err = dq, err
@@ -116,12 +127,12 @@ def fake_quantize_weight_mse(w: torch.Tensor, bits: int, group: int, symmetric: 
     return best.flatten(-2)
 
 
-def quantize_weight(w: torch.Tensor, qc: QuantConfig) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torch.Tensor:
     if qc.w_bits >= 16:
         return w
     if qc.w_clip_search:
-        return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym)
-    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym)
+        return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste)
+    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym, ste=ste)
 
 
 def _quantize_input_hook(bits: int, symmetric: bool, clip: float):

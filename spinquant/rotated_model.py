@@ -1,0 +1,163 @@
+"""A Llama whose R1 and R2 are its only trainable parameters: the loss SpinQuant learns rotations on.
+
+The frozen weights are prepared once (norm gains folded, embeddings untied, R4's Hadamard folded
+into down_proj, all in float64 by rotation.py). Every forward multiplies them by the current R1/R2
+(weights × hidden² work, small against tokens × weights for the model itself) and fake-quantizes
+weights, activations and K/V with a straight-through estimator, so the loss is differentiable in
+R1 and R2. Same convention as rotation.py: a rotated activation is x @ R.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from spinquant import hadamard
+from spinquant.attention import use_spinquant_attention
+from spinquant.errors import UserError
+from spinquant.quant import QuantConfig, check_groups, fake_quantize, quantize_weight
+from spinquant.rotation import Rotations, _head_dim, fuse_all_rmsnorms, rotate_input_side, untie_embeddings
+
+
+def ste_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0):
+    """Fake quantization with straight-through rounding, computed in float32 at least (bf16 has 8 bits of mantissa)."""
+    if bits >= 16:
+        return None
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return fake_quantize(wide, bits, group, symmetric, clip, ste=True).to(x.dtype)
+
+    return quantize
+
+
+class FakeQuantLinear(nn.Module):
+    """A frozen linear whose rotated, fake-quantized weight is set by RotatedLlama before each forward.
+
+    The weight is an attribute rather than a parameter so that activation checkpointing, which
+    replays the layer during backward, reads the same rotated weight as the forward did.
+    """
+
+    def __init__(self, frozen: torch.Tensor, quantize_input, online_hadamard: bool = False):
+        super().__init__()
+        self.register_buffer("frozen", frozen.detach())
+        self.quantize_input = quantize_input
+        self.online_hadamard = online_hadamard
+        self.rotated_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online_hadamard:
+            x = hadamard.hadamard_transform(x)  # R4: the fixed Hadamard whose transpose is folded in `frozen`
+        if self.quantize_input is not None:
+            x = self.quantize_input(x)
+        return F.linear(x, self.rotated_weight)
+
+
+class RotatedLlama(nn.Module):
+    """`forward(ids)` gives the logits of `model` rotated by (R1, R2) and fake-quantized by `qc`."""
+
+    def __init__(self, model: LlamaForCausalLM, init: Rotations, qc: QuantConfig, dtype: torch.dtype):
+        super().__init__()
+        _refuse_biases(model)
+        check_groups(model, qc)
+        hadamard.factor_size(model.config.intermediate_size)  # R4 needs it: refuse before any work
+        self.qc, self.dtype, self.head_dim = qc, dtype, _head_dim(model.config)
+        exact = _exact_dtype(dtype)
+        self.r1 = nn.Parameter(init.r1.to(exact))
+        self.r2 = nn.ParameterList(nn.Parameter(r.to(exact)) for r in init.r2)
+        self.model = _prepared(model, qc, dtype)
+        self.model.model.embed_tokens.register_forward_hook(self._rotate_embedding)
+        if not qc.lm_head:
+            self.model.lm_head.register_forward_pre_hook(self._unrotate_lm_head_input)
+
+    def rotation_parameters(self) -> list[nn.Parameter]:
+        return [self.r1, *self.r2]
+
+    def spinquant_state(self) -> dict[str, torch.Tensor]:
+        """R1 and R2 in SpinQuant's layout (what rotation.load_rotation_file reads)."""
+        state = {"R1": self.r1.detach().cpu().clone()}
+        for i, r2 in enumerate(self.r2):
+            state[f"model.layers.{i}.self_attn.R2"] = r2.detach().cpu().clone()
+        return state
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self._set_rotated_weights()
+        return self.model(ids, use_cache=False).logits
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the batch, as eval.perplexity averages it."""
+        logits = self(ids)[:, :-1].float()
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    def _set_rotated_weights(self) -> None:
+        r1, hd = self.r1, self.head_dim
+        for layer, r2 in zip(self.model.model.layers, self.r2):
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.up_proj):
+                self._set(linear, linear.frozen @ r1)
+            wv = (r2.T @ attn.v_proj.frozen.unflatten(0, (-1, hd))).flatten(0, 1)  # every value head by R2
+            self._set(attn.v_proj, wv @ r1)
+            wo = (attn.o_proj.frozen.unflatten(1, (-1, hd)) @ r2).flatten(1, 2)
+            self._set(attn.o_proj, r1.T @ wo)
+            self._set(mlp.down_proj, r1.T @ mlp.down_proj.frozen)
+        if self.qc.lm_head:
+            self._set(self.model.lm_head, self.model.lm_head.frozen @ r1)
+
+    def _set(self, linear: FakeQuantLinear, w: torch.Tensor) -> None:
+        linear.rotated_weight = quantize_weight(w, self.qc, ste=True).to(self.dtype)
+
+    def _rotate_embedding(self, module, args, output: torch.Tensor) -> torch.Tensor:
+        # E[ids] @ R1 costs tokens × hidden², E @ R1 vocab × hidden²: rotate the looked-up rows.
+        return output @ self.r1.to(output.dtype)
+
+    def _unrotate_lm_head_input(self, module, args: tuple) -> tuple:
+        # An unquantized lm_head sees x·R1·(W·R1)ᵀ = x·R1·R1ᵀ·Wᵀ: undo R1 on the input instead of rotating W.
+        return (args[0] @ self.r1.T.to(args[0].dtype), *args[1:])
+
+
+def _exact_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Rotations, frozen weights and W·R products stay in float32 (float64 in float64 runs): they are small."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _refuse_biases(model: LlamaForCausalLM) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            raise UserError(f"{name} has a bias: learning rotations supports bias-free Llama linears only")
+
+
+def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """Fold what never changes (norm gains, R4), freeze everything, swap linears for FakeQuantLinear."""
+    untie_embeddings(model)
+    fuse_all_rmsnorms(model)
+    for layer in model.model.layers:
+        rotate_input_side(layer.mlp.down_proj, hadamard.hadamard_matrix(layer.mlp.down_proj.in_features))
+    model.requires_grad_(False)
+    exact = _exact_dtype(dtype)
+    frozen = {name: m.weight.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    model.to(dtype)  # before the swap: the frozen weights keep their exact dtype
+    quantize_input = ste_quantizer(qc.a_bits, 0, qc.a_sym, qc.a_clip)
+    for i, layer in enumerate(model.model.layers):
+        for parent, kind in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    w = frozen[f"model.layers.{i}.{kind}.{name}"]
+                    setattr(parent, name, FakeQuantLinear(w, quantize_input, online_hadamard=name == "down_proj"))
+    if qc.lm_head:
+        model.lm_head = FakeQuantLinear(frozen["lm_head"], quantize_input)
+    _use_kv_quantization(model, qc)
+    return model
+
+
+def _use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig) -> None:
+    """K/V fake quantization after RoPE, with the online R3 Hadamard on q/k, as the evaluation does."""
+    if not qc.quantizes_kv:
+        return
+    hadamard.factor_size(_head_dim(model.config))
+    group = min(qc.kv_group, _head_dim(model.config))
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.online_r3 = True
+        attn.quantize_key = ste_quantizer(qc.k_bits, group, qc.kv_sym)
+        attn.quantize_value = ste_quantizer(qc.v_bits, group, qc.kv_sym)
+    use_spinquant_attention(model)

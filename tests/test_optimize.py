@@ -1,0 +1,176 @@
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from spinquant import optimize
+from spinquant.errors import UserError
+from spinquant.models import tiny_llama, tiny_llama_config
+from spinquant.optimize import Plan, learn, rotation_bytes, sample_order
+from spinquant.quant import setting, quantize_model
+from spinquant.rotated_model import RotatedLlama
+from spinquant.rotation import apply_rotations, rotations_for
+
+CONFIG = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2)
+CPU = torch.device("cpu")
+
+
+def sharp_tiny_llama(dtype=torch.float32):
+    """Weights ×5: confident logits, so 4-bit quantization visibly hurts the loss and rotations can help."""
+    model = tiny_llama(tiny_llama_config(**CONFIG), dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(5.0)
+    return model
+
+
+def windows(n=4, seqlen=64, seed=0):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def plan(**overrides):
+    values = dict(
+        model="tiny", recipe="w4a8", iters=10, lr=1.5, momentum=0.0, windows=4, seqlen=64, batch_size=4,
+        grad_accum=1, seed=0, dtype="fp32", calibration="calib.txt", calibration_sha256="0" * 64,
+    )
+    return Plan(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("recipe", ["w4a8", "w4a4kv4", "executorch"])
+def test_rotated_model_matches_fused_and_quantized_reference_in_float64(recipe):
+    # Reference: rotation.py fuses R1/R2/R4 (and R3) into the weights, quant.py fake-quantizes them.
+    # Asymmetric weights: symmetric RTN puts a group's extreme exactly on a rounding tie, where the
+    # last bit of two equal products decides the level.
+    qc = dataclasses.replace(optimize.RECIPES[recipe], w_sym=False)
+    model = sharp_tiny_llama(torch.float64)
+    rot = rotations_for("hadamard", model.config, seed=1, r3=qc.quantizes_kv)
+    ids = windows(2, 24)
+    with torch.no_grad():
+        ours = RotatedLlama(copy.deepcopy(model), rot, qc, torch.float64)(ids)
+        reference = quantize_model(apply_rotations(copy.deepcopy(model), rot), qc)(ids).logits
+    assert (ours - reference).abs().max() < 1e-6 * reference.abs().max()
+
+
+def test_full_precision_loss_does_not_move_the_rotations():
+    # Without quantization the rotated model computes the same function for every R: nothing to learn.
+    model = tiny_llama(tiny_llama_config(**CONFIG), dtype=torch.float64)
+    rm = RotatedLlama(model, rotations_for("hadamard", model.config, seed=0), setting("fp"), torch.float64)
+    before = rm.r1.detach().clone()
+    opt = optimize.CayleySGD(rm.rotation_parameters(), lr=1.5)
+    rm.loss(windows(2, 32)).backward()
+    opt.step()
+    assert (rm.r1.detach() - before).abs().max() < 1e-6
+
+
+def test_loss_goes_down_on_a_tiny_model():
+    _, progress = learn(sharp_tiny_llama(), windows(), plan(), CPU, progress_bar=False)
+    first, last3 = progress.losses[0], progress.losses[-3:]
+    assert max(last3) < first - 0.05
+
+
+def test_only_rotations_are_trained_and_stay_orthonormal():
+    rm, _ = learn(sharp_tiny_llama(), windows(), plan(iters=5), CPU, progress_bar=False)
+    assert [p for p in rm.parameters() if p.requires_grad] == rm.rotation_parameters()
+    for r in rm.rotation_parameters():
+        r = r.detach().double()
+        assert (r.T @ r - torch.eye(r.shape[0], dtype=torch.float64)).abs().max() < 1e-5
+
+
+def test_learned_rotation_file_leaves_full_precision_logits_unchanged(tmp_path):
+    rm, _ = learn(sharp_tiny_llama(), windows(), plan(iters=5), CPU, progress_bar=False)
+    path = tmp_path / "R.pt"
+    path.write_bytes(rotation_bytes(rm))
+    model = tiny_llama(tiny_llama_config(**CONFIG))  # float64
+    ids = windows(2, 24, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+        rot = rotations_for(str(path), model.config)
+        assert not torch.allclose(rot.r1, rotations_for("hadamard", model.config, seed=0).r1, atol=1e-3)  # it learned
+        rotated = apply_rotations(model, rot)(ids).logits
+    assert (rotated - ref).abs().max() < 1e-5
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after(calls, monkeypatch, result=None):
+    """Make optimize.train_step raise (a killed run) or return `result` (a bad loss) from call `calls` on."""
+    real, count = optimize.train_step, [0]
+
+    def step(*args):
+        count[0] += 1
+        if count[0] <= calls:
+            return real(*args)
+        if result is None:
+            raise Interrupt
+        return result
+
+    monkeypatch.setattr(optimize, "train_step", step)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    p = plan(iters=6, momentum=0.5, windows=6, batch_size=2)  # momentum: the optimizer state must travel too
+    data = windows(6)
+    full, full_progress = learn(sharp_tiny_llama(), data, p, CPU, progress_bar=False)
+    ckpt = tmp_path / "R.ckpt"
+    stop_after(3, monkeypatch)  # killed during step 4, after the checkpoint at step 2
+    with pytest.raises(Interrupt):
+        learn(sharp_tiny_llama(), data, p, CPU, ckpt, checkpoint_every=2, progress_bar=False)
+    monkeypatch.undo()
+    resumed, resumed_progress = learn(sharp_tiny_llama(), data, p, CPU, ckpt, checkpoint_every=2, resume=True, progress_bar=False)
+    assert resumed_progress.losses == full_progress.losses
+    for a, b in zip(resumed.rotation_parameters(), full.rotation_parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_refuses_a_checkpoint_of_another_plan(tmp_path):
+    ckpt = tmp_path / "R.ckpt"
+    learn(sharp_tiny_llama(), windows(), plan(iters=2), CPU, ckpt, checkpoint_every=1, progress_bar=False)
+    with pytest.raises(UserError, match=r"other settings \(lr\)"):
+        learn(sharp_tiny_llama(), windows(), plan(iters=2, lr=0.5), CPU, ckpt, resume=True, progress_bar=False)
+    with pytest.raises(UserError, match="no checkpoint at"):
+        learn(sharp_tiny_llama(), windows(), plan(iters=2), CPU, tmp_path / "none.ckpt", resume=True, progress_bar=False)
+
+
+@pytest.mark.parametrize("bad,message", [(float("nan"), "loss is nan"), (1e4, "loss 10000.000 exploded")])
+def test_bad_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad, message):
+    ckpt = tmp_path / "R.ckpt"
+    stop_after(4, monkeypatch, result=bad)
+    with pytest.raises(UserError, match=f"step 5: {message}.*last good checkpoint"):
+        learn(sharp_tiny_llama(), windows(), plan(), CPU, ckpt, checkpoint_every=2, progress_bar=False)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["progress"]["step"] == 4
+
+
+def test_sample_order_is_seeded_and_passes_over_every_window():
+    order = sample_order(5, 12, seed=3)
+    assert torch.equal(order, sample_order(5, 12, seed=3))
+    assert sorted(order[:5].tolist()) == list(range(5)) and sorted(order[5:10].tolist()) == list(range(5))
+    assert not torch.equal(order, sample_order(5, 12, seed=4))
+
+
+def test_cli_writes_rotation_sidecar_and_loss_curve(tiny_hf_dir, tmp_path):
+    out = tmp_path / "rot" / "R.pt"
+    info = optimize.main([
+        "--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "32",
+        "--windows", "4", "--batch-size", "2", "--iters", "3", "--dtype", "fp32", "--device", "cpu",
+        "--output", str(out), "--checkpoint-every", "1",
+    ])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["recipe"] == "w4a8" and saved["iters"] == 3 and saved["windows"] == 4 and saved["final_loss"] == info["final_loss"]
+    assert len(saved["calibration_sha256"]) == 64
+    assert len(out.with_suffix(".loss.csv").read_text().splitlines()) == 4
+    assert out.with_suffix(".loss.png").read_bytes()[:4] == b"\x89PNG"
+    state = torch.load(out, weights_only=True)
+    assert set(state) == {"R1", "model.layers.0.self_attn.R2", "model.layers.1.self_attn.R2"}
+
+
+def test_calibration_text_shorter_than_one_window_is_refused(tiny_hf_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(UserError, match="fewer than one window of 2048"):
+        optimize.main(["--model", str(tiny_hf_dir), "--text", str(short), "--device", "cpu", "--output", str(tmp_path / "R.pt")])

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -165,7 +166,7 @@ def learn(
     """Run (or continue) the plan; returns the model holding the learned rotations and the loss history."""
     qc = RECIPES[plan.recipe]
     init = rotations_for("hadamard", model.config, seed=plan.seed, r3=qc.quantizes_kv)
-    rm = RotatedLlama(model, init, qc, DTYPES[plan.dtype]).to(device)
+    rm = RotatedLlama(model.to(device), init, qc, DTYPES[plan.dtype]).to(device)  # folds on the device: fast
     if activation_checkpointing:
         rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         rm.model.train()  # transformers checkpoints only in training mode; Llama has no dropout to switch on
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = Plan(
         model=args.model, recipe=args.recipe, iters=args.iters, lr=args.lr, momentum=args.momentum,
         windows=len(windows), seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seed=args.seed, dtype=args.dtype, calibration=str(args.text), calibration_sha256=text_sha256(text),
+        seed=args.seed, dtype=args.dtype, calibration=os.path.relpath(args.text), calibration_sha256=text_sha256(text),
     )
     out = args.output
     ckpt = out.with_suffix(".ckpt")

@@ -131,7 +131,8 @@ def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> L
     untie_embeddings(model)
     fuse_all_rmsnorms(model)
     for layer in model.model.layers:
-        rotate_input_side(layer.mlp.down_proj, hadamard.hadamard_matrix(layer.mlp.down_proj.in_features))
+        down = layer.mlp.down_proj
+        rotate_input_side(down, hadamard.hadamard_matrix(down.in_features).to(down.weight.device))
     model.requires_grad_(False)
     exact = _exact_dtype(dtype)
     frozen = {name: m.weight.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear)}

@@ -174,3 +174,22 @@ def test_calibration_text_shorter_than_one_window_is_refused(tiny_hf_dir, tmp_pa
     short.write_text("too short")
     with pytest.raises(UserError, match="fewer than one window of 2048"):
         optimize.main(["--model", str(tiny_hf_dir), "--text", str(short), "--device", "cpu", "--output", str(tmp_path / "R.pt")])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    def loss_and_grad(checkpointing):
+        model = sharp_tiny_llama()
+        rm = RotatedLlama(model, rotations_for("hadamard", model.config, seed=0, r3=True), optimize.RECIPES["w4a4kv4"], torch.float32)
+        if checkpointing:
+            rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            rm.model.train()
+        calls = []
+        rm.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        loss = rm.loss(windows(2, 32))
+        loss.backward()
+        return (loss.detach(), rm.r1.grad, rm.r2[1].grad), len(calls)
+
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = loss_and_grad(False), loss_and_grad(True)
+    assert (plain_calls, checkpointed_calls) == (1, 2)  # the layer really was replayed in backward
+    for a, b in zip(plain, checkpointed):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)

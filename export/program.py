@@ -1,23 +1,30 @@
-"""torch.export with a static KV cache, then XNNPACK lowering to an ExecuTorch program.
+"""torch.export with a static KV cache, then XNNPACK lowering of the linears to an ExecuTorch program.
 
 The forward signature is ExecuTorch's LLM-runner convention, forward(input_ids[1, T],
-cache_position[T]) -> logits, as transformers' exportable static-cache wrapper provides it.
+cache_position[T]) -> logits (see export/exportable_llama.py).
 """
 
+import logging
+from contextlib import contextmanager
+
 import torch
-from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, ExecutorchProgramManager, to_edge_transform_and_lower
+from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, ExecutorchProgramManager, to_edge
+from executorch.exir.backend.compile_spec_schema import CompileSpec
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
+from export.exportable_llama import ExportableLlama
+
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
 
 def with_static_cache(model: LlamaForCausalLM, max_seq_len: int) -> TorchExportableModuleWithStaticCache:
-    """A fresh wrapper owns a fresh, zeroed cache: one per export and one per eager reference run."""
+    """transformers' own static-cache forward: the eager reference the exported program is checked against."""
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
     return TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=max_seq_len)
@@ -49,27 +56,50 @@ def metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, max_se
 
 
 def export_program(model: LlamaForCausalLM, max_seq_len: int) -> torch.export.ExportedProgram:
-    wrapper = with_static_cache(model, max_seq_len)
     ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)
     seq = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
     with torch.no_grad():
-        # strict=True: the non-strict trace of the cache wrapper fails in AOT export on torch 2.13.
         return torch.export.export(
-            wrapper, args=(), kwargs=dict(input_ids=ids, cache_position=pos),
-            dynamic_shapes=dict(input_ids={1: seq}, cache_position={0: seq}), strict=True,
+            ExportableLlama(model, max_seq_len), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
         )
 
 
-def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods: dict) -> ExecutorchProgramManager:
-    edge = to_edge_transform_and_lower(
-        program,
-        partitioner=[XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=constant_methods,
+def linear_partitioner() -> XnnpackPartitioner:
+    """XNNPACK takes the linears (dynamically quantized or float), as in ExecuTorch's own Llama export.
+
+    The `dqlinear_partitioner` spec makes XNNPACK's preprocessing run its one linear pass per
+    partition instead of all seventeen, each of which re-traces the partition.
+    """
+    partitioner = XnnpackPartitioner(
+        configs=[LinearConfig], config_precisions=[ConfigPrecisionType.DYNAMIC_QUANT, ConfigPrecisionType.FP32]
     )
-    # Linears XNNPACK did not take run as linear rather than transpose + mm; the quant fusion turns
-    # torchao's dequantize + embedding into ExecuTorch's quantized embedding kernel.
-    edge = edge.transform([ConvertToLinearPass()])
+    partitioner.delegation_spec.compile_specs.append(CompileSpec("dqlinear_partitioner", b""))
+    return partitioner
+
+
+@contextmanager
+def quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods: dict) -> ExecutorchProgramManager:
+    # to_edge + to_backend decomposes the graph once; to_edge_transform_and_lower does it three
+    # times, and every pass re-traces every node with symbolic shapes (40% of the lowering time).
+    # Keeping aten.linear whole is all the partitioner needs from the decomposition.
+    edge = to_edge(
+        program,
+        constant_methods=constant_methods,
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=[torch.ops.aten.linear.default]),
+    )
+    with quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # its to_backend deprecation notice
+        edge = edge.to_backend(linear_partitioner())
+    # The quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernel.
     return edge.to_executorch(
         ExecutorchBackendConfig(
             extract_delegate_segments=True,

@@ -1,0 +1,72 @@
+"""The exported forward: a Hugging Face Llama's own modules, wired with ExecuTorch's KV-cache and SDPA ops.
+
+transformers' static-cache wrapper traces the whole generic attention stack (mask builders,
+cache classes, repeat_kv) into about 160 graph nodes per layer, and ExecuTorch's lowering passes
+cost time per node. Reusing the model's norms, linears, MLP and rotary embedding but calling
+`llama::update_cache` and `llama::custom_sdpa` (the ops ExecuTorch's own Llama export uses,
+with fast CPU kernels and GQA built in) keeps the graph small and the runtime fast.
+"""
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+
+import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers torch.ops.llama.*)
+
+
+class CachedAttention(nn.Module):
+    """One layer's attention over a static cache laid out (1, max_seq_len, kv_heads, head_dim)."""
+
+    def __init__(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, max_seq_len: int):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, attn.scaling
+        self.register_buffer("k_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        seq = x.shape[1]
+        q = rotate(self.q_proj(x).view(1, seq, self.n_heads, self.head_dim), cos, sin)
+        k = rotate(self.k_proj(x).view(1, seq, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(1, seq, self.n_kv_heads, self.head_dim)
+        torch.ops.llama.update_cache(k, self.k_cache, start)
+        torch.ops.llama.update_cache(v, self.v_cache, start)
+        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, self.scale)
+        return self.o_proj(out.reshape(1, seq, self.n_heads * self.head_dim))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in Hugging Face's half-split layout; x is (1, seq, heads, head_dim), cos/sin (1, seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+
+
+class ExportableLlama(nn.Module):
+    """forward(input_ids[1, T], cache_position[T]) -> logits[1, T, vocab], ExecuTorch's LLM-runner convention."""
+
+    def __init__(self, model: LlamaForCausalLM, max_seq_len: int):
+        super().__init__()
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+        self.rotary_emb = model.model.rotary_emb
+        self.max_seq_len = max_seq_len
+        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in model.model.layers)
+        self.post_attention_norms = nn.ModuleList(layer.post_attention_layernorm for layer in model.model.layers)
+        self.mlps = nn.ModuleList(layer.mlp for layer in model.model.layers)
+        self.attentions = nn.ModuleList(
+            CachedAttention(layer.self_attn, config.num_attention_heads, config.num_key_value_heads, head_dim, max_seq_len)
+            for layer in model.model.layers
+        )
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        start = cache_position[0].item()
+        torch._check_is_size(start)
+        torch._check(start + input_ids.shape[1] <= self.max_seq_len)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(x, cache_position.unsqueeze(0))
+        for attn, mlp, norm1, norm2 in zip(self.attentions, self.mlps, self.input_norms, self.post_attention_norms):
+            x = x + attn(norm1(x), cos, sin, start)
+            x = x + mlp(norm2(x))
+        return self.lm_head(self.norm(x))

@@ -48,7 +48,7 @@ def measure_all(files: dict[str, Path], args: argparse.Namespace, windows, base)
 def verdicts(rows: dict, files: dict[str, Path]) -> list[str]:
     lines = []
     for setting in files:
-        learned, had, none = (rows[f"{setting}/{r}"]["perplexity"] for r in ROTATIONS)
+        none, had, learned = (rows[f"{setting}/{r}"]["perplexity"] for r in ROTATIONS)
         lines.append(f"- {setting}: learned {learned:.2f} against random Hadamard {had:.2f} "
                      f"({'beats it' if learned < had else 'does not beat it'}, {had / learned:.2f}×), "
                      f"and against no rotation {none:.2f} ({'beats it' if learned < none else f'worse by {learned - none:.2f}'}).")

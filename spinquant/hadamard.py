@@ -105,7 +105,7 @@ def hadamard_transform(x: torch.Tensor, block_fallback: bool = False) -> torch.T
     y = _butterfly(x.reshape(*x.shape[:-1], k, m))
     if k > 1:
         # (H_K ⊗ S)[(a,b),(c,d)] = H_K[a,c]·S[b,d], so the K axis is multiplied by H_Kᵀ.
-        y = torch.einsum("...am,ac->...cm", y, hadamard_k(k).to(y.dtype))
+        y = torch.einsum("...am,ac->...cm", y, hadamard_k(k).to(y.device, y.dtype))
     return (y / math.sqrt(n)).reshape(x.shape)
 
 

@@ -45,8 +45,7 @@ def seconds_per_iteration(model: LlamaForCausalLM, args: argparse.Namespace, che
     qc = RECIPES[args.recipe]
     rm = RotatedLlama(model, rotations_for("hadamard", model.config, r3=qc.quantizes_kv), qc, DTYPES[args.dtype]).to(device)
     if checkpointing:
-        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        rm.model.train()
+        rm.enable_activation_checkpointing()
     opt = CayleySGD(rm.rotation_parameters(), lr=1.5)
     batch = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seqlen), generator=torch.Generator().manual_seed(0))]
     for step in range(args.warmup + args.steps):

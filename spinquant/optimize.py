@@ -168,8 +168,7 @@ def learn(
     init = rotations_for("hadamard", model.config, seed=plan.seed, r3=qc.quantizes_kv)
     rm = RotatedLlama(model.to(device), init, qc, DTYPES[plan.dtype]).to(device)  # folds on the device: fast
     if activation_checkpointing:
-        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        rm.model.train()  # transformers checkpoints only in training mode; Llama has no dropout to switch on
+        rm.enable_activation_checkpointing()
     opt = CayleySGD(rm.rotation_parameters(), lr=plan.lr, momentum=plan.momentum)
     progress = resume_from(checkpoint, rm, opt, plan) if resume else Progress()
     order = sample_order(len(windows), plan.iters * plan.batch_size * plan.grad_accum, plan.seed)

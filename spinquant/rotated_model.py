@@ -70,6 +70,11 @@ class RotatedLlama(nn.Module):
         if not qc.lm_head:
             self.model.lm_head.register_forward_pre_hook(self._unrotate_lm_head_input)
 
+    def enable_activation_checkpointing(self) -> None:
+        """Replay each decoder layer in backward instead of keeping its activations: less memory, ~1.3× time."""
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()  # transformers checkpoints only in training mode; Llama has no dropout to switch on
+
     def rotation_parameters(self) -> list[nn.Parameter]:
         return [self.r1, *self.r2]
 

@@ -181,8 +181,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         model = sharp_tiny_llama()
         rm = RotatedLlama(model, rotations_for("hadamard", model.config, seed=0, r3=True), optimize.RECIPES["w4a4kv4"], torch.float32)
         if checkpointing:
-            rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            rm.model.train()
+            rm.enable_activation_checkpointing()
         calls = []
         rm.model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
         loss = rm.loss(windows(2, 32))

@@ -62,7 +62,7 @@ class ExportableLlama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         start = cache_position[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(start + input_ids.shape[1] <= self.max_seq_len)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, cache_position.unsqueeze(0))

@@ -15,6 +15,8 @@ QLINEAR = ("8da4w", "8da8w", "4w", "none")
 QEMBEDDING = ("8w", "4w", "none")
 LM_HEAD = ("8da8w", "8da4w", "8w", "none")
 GROUP_SIZES = (32, 64, 128, 256)
+# The best rotation measured for each built-in model (results/learned_rotation_smollm2.md); r4 elsewhere.
+LEARNED_ROTATIONS = {"smollm2-135m": Path(__file__).resolve().parents[1] / "results" / "rotations" / "smollm2_w4a8.pt"}
 DTYPES = ("fp32",)
 # Measured with executorch 1.5.1: XNNPACK lowers torchao's weight-only linears (int4 and int8)
 # to programs whose logits are off by more than the logits themselves. Refused until fixed.
@@ -24,7 +26,7 @@ BROKEN_LINEAR_SCHEMES = ("4w", "8w")
 @dataclass
 class ExportOptions:
     model: str = "smollm2-135m"
-    rotation: str = "r4"
+    rotation: str = ""  # empty: default_rotation(model)
     qlinear: str = "8da4w"
     group_size: int = 32
     qembedding: str = "8w"
@@ -36,6 +38,7 @@ class ExportOptions:
     seed: int = 0
 
     def check(self) -> "ExportOptions":
+        self.rotation = self.rotation or default_rotation(self.model)
         for name, allowed in (("qlinear", QLINEAR), ("qembedding", QEMBEDDING), ("lm_head", LM_HEAD), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not supported; choose one of {', '.join(allowed)}")
@@ -53,6 +56,11 @@ class ExportOptions:
 
     def record(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def default_rotation(model: str) -> str:
+    learned = LEARNED_ROTATIONS.get(model)
+    return str(learned) if learned is not None and learned.is_file() else "r4"
 
 
 def options_from_yaml(path: Path) -> dict:

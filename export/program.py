@@ -11,7 +11,7 @@ import torch
 from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
 from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, ExecutorchProgramManager, to_edge
+from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, ExecutorchProgramManager, to_edge
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -88,7 +88,7 @@ def quiet_logger(name: str):
         logger.setLevel(level)
 
 
-def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods: dict) -> ExecutorchProgramManager:
+def delegate_linears(program: torch.export.ExportedProgram, constant_methods: dict) -> EdgeProgramManager:
     # to_edge + to_backend decomposes the graph once; to_edge_transform_and_lower does it three
     # times, and every pass re-traces every node with symbolic shapes (40% of the lowering time).
     # Keeping aten.linear whole is all the partitioner needs from the decomposition.
@@ -98,7 +98,10 @@ def lower_to_executorch(program: torch.export.ExportedProgram, constant_methods:
         compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=[torch.ops.aten.linear.default]),
     )
     with quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # its to_backend deprecation notice
-        edge = edge.to_backend(linear_partitioner())
+        return edge.to_backend(linear_partitioner())
+
+
+def emit_program(edge: EdgeProgramManager) -> ExecutorchProgramManager:
     # The quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernel.
     return edge.to_executorch(
         ExecutorchBackendConfig(

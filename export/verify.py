@@ -1,9 +1,16 @@
-"""The export's built-in check: the .pte against the eager quantized model, prefill then decode."""
+"""The export's built-in check: the .pte against the eager quantized model, prefill then decode.
+
+Max |Δlogit| is recorded but does not decide: on real models the eager int8-activation model is
+itself chaotic at float rounding level (perturbing SmolLM2's input embeddings by one part in 1e7
+moves its logits by up to 2.7, a mean KL of 0.05 nats), so two correct implementations differ
+that much. A wrong program (a missing rotation, a mis-laid weight) is off by nats.
+"""
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from export.program import with_static_cache
@@ -17,33 +24,46 @@ PROMPT = "The capital of France is"
 class Agreement:
     max_abs_logit_diff: float
     max_abs_logit: float
+    mean_kl: float  # KL(eager ‖ program) in nats, averaged over every compared position
     top1_agreement: float
-    steps: int
+    positions: int
 
     def record(self) -> dict:
         return asdict(self)
 
 
+def kl_per_position(reference: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) ‖ softmax(ours)) along the last dimension, in float64."""
+    ref_log, our_log = F.log_softmax(reference.double(), -1), F.log_softmax(ours.double(), -1)
+    return (ref_log.exp() * (ref_log - our_log)).sum(-1)
+
+
 @torch.no_grad()
 def compare_with_eager(pte: Path, model: LlamaForCausalLM, prompt_ids: list[int], max_seq_len: int, decode_steps: int = 8) -> Agreement:
-    """Greedy on the eager model's choices, so both sides see the same tokens at every step."""
+    """Every prompt position, then greedy steps on the eager model's choices, so both see the same tokens."""
     program, eager = PteProgram(pte), with_static_cache(model, max_seq_len)
     ids = torch.tensor([prompt_ids[: max_seq_len - decode_steps]])
     pos = torch.arange(ids.shape[1])
-    diffs, peaks, agree = [], [], []
+    ours, refs = [], []
     for _ in range(decode_steps + 1):
-        ours, ref = program.forward(ids, pos)[:, -1], eager(input_ids=ids, cache_position=pos)[:, -1]
-        diffs.append((ours - ref).abs().max().item())
-        peaks.append(ref.abs().max().item())
-        agree.append(bool(ours.argmax() == ref.argmax()))
-        ids, pos = ref.argmax(-1, keepdim=True), pos[-1:] + 1
-    return Agreement(max(diffs), max(peaks), sum(agree) / len(agree), len(agree))
+        ours.append(program.forward(ids, pos)[0])
+        refs.append(eager(input_ids=ids, cache_position=pos)[0])
+        ids, pos = refs[-1][-1].argmax().view(1, 1), pos[-1:] + 1
+    ours_all, ref_all = torch.cat(ours), torch.cat(refs)
+    return Agreement(
+        max_abs_logit_diff=(ours_all - ref_all).abs().max().item(),
+        max_abs_logit=ref_all.abs().max().item(),
+        mean_kl=kl_per_position(ref_all, ours_all).mean().item(),
+        top1_agreement=(ours_all.argmax(-1) == ref_all.argmax(-1)).float().mean().item(),
+        positions=ref_all.shape[0],
+    )
 
 
-def check_agreement(a: Agreement, rel_tolerance: float = 0.05, min_top1: float = 0.85) -> None:
-    """Fail loudly: numerics of XNNPACK's int8 kernels differ slightly from torchao's eager ones, no more."""
-    if a.max_abs_logit_diff > rel_tolerance * a.max_abs_logit or a.top1_agreement < min_top1:
+def check_agreement(a: Agreement, max_mean_kl: float = 0.1, min_top1: float = 0.85) -> None:
+    """Fail loudly when the program's next-token distributions are not the eager model's."""
+    if a.mean_kl > max_mean_kl or a.top1_agreement < min_top1:
         raise UserError(
-            f"the exported program diverges from the eager quantized model: max |Δlogit| {a.max_abs_logit_diff:.4g} "
-            f"(logits up to {a.max_abs_logit:.3g}), top-1 agreement {a.top1_agreement:.0%} over {a.steps} steps"
+            f"the exported program diverges from the eager quantized model: mean KL {a.mean_kl:.3g} nats "
+            f"(allowed {max_mean_kl}), top-1 agreement {a.top1_agreement:.0%} over {a.positions} positions "
+            f"(max |Δlogit| {a.max_abs_logit_diff:.3g}, logits up to {a.max_abs_logit:.3g})"
         )

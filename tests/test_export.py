@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from export.options import ExportOptions
+from export.options import LEARNED_ROTATIONS, ExportOptions
 from export.program import with_static_cache
 from export.to_pte import main, parse_args, run
 from runner.pte import PteProgram
@@ -11,6 +11,7 @@ from spinquant.errors import UserError
 from spinquant.models import load_model
 from spinquant.rotation import apply_rotations, rotations_for
 from export.quantize import quantize_for_export
+from export.verify import check_agreement, compare_with_eager, kl_per_position
 
 
 def eager_quantized(opts: ExportOptions):
@@ -46,7 +47,25 @@ def test_default_export_matches_eager_and_reports(default_export):
     assert saved["options"]["qlinear"] == "8da4w" and saved["rotation"]["r4_online_hadamard"]
     assert saved["pte_bytes"] == (opts.output_dir / "model.pte").stat().st_size
     assert saved["verify"]["top1_agreement"] == 1.0 and saved["verify"]["max_abs_logit_diff"] < 1e-3
+    assert saved["verify"]["mean_kl"] < 1e-6 and saved["verify"]["positions"] > 8  # prompt positions + 8 decode steps
     assert {"torch", "executorch", "torchao"} <= set(saved["environment"])
+
+
+def test_check_fails_on_a_program_that_is_not_the_model(default_export, tiny_hf_dir):
+    opts, _ = default_export
+    other = eager_quantized(opts)
+    other.model.norm.weight.data *= 4  # a different model: every logit scaled
+    agreement = compare_with_eager(opts.output_dir / "model.pte", other, [5, 17, 33, 2, 60, 7], opts.max_seq_len)
+    assert agreement.mean_kl > 0.1
+    with pytest.raises(UserError, match="diverges from the eager quantized model: mean KL"):
+        check_agreement(agreement)
+
+
+def test_kl_per_position_matches_its_definition():
+    p, q = torch.tensor([[0.1, 0.2, 0.7]], dtype=torch.float64), torch.tensor([[0.3, 0.3, 0.4]], dtype=torch.float64)
+    expected = (p * (p / q).log()).sum()
+    assert torch.allclose(kl_per_position(p.log() + 3.0, q.log() - 1.0), expected.view(1), atol=1e-12)
+    assert kl_per_position(p.log(), p.log()).abs().max() < 1e-12
 
 
 def test_metadata_reads_back(default_export, tiny_hf_dir):
@@ -125,3 +144,10 @@ def test_failed_verification_leaves_nothing_that_looks_valid(tiny_hf_dir, tmp_pa
     with pytest.raises(UserError, match="diverged"):
         run(ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path, qlinear="8da8w").check())
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_default_rotation_is_the_learned_one_for_the_demo_model_and_r4_elsewhere(tiny_hf_dir):
+    assert ExportOptions().check().rotation == str(LEARNED_ROTATIONS["smollm2-135m"])
+    assert LEARNED_ROTATIONS["smollm2-135m"].is_file()
+    assert ExportOptions(model=str(tiny_hf_dir)).check().rotation == "r4"
+    assert ExportOptions(rotation="none").check().rotation == "none"

@@ -70,3 +70,15 @@ def test_demo_model_is_smollm2(demo):
     assert c.intermediate_size == 1536 and demo.model.lm_head.weight is demo.model.model.embed_tokens.weight
     windows = token_windows(demo.tokenizer, "The capital of France is Paris. " * 100, 128, 1)
     assert 1 < perplexity(demo.model, windows, progress=False) < 20
+
+
+@pytest.mark.demo
+def test_demo_model_cached_directory_is_the_gguf_model(demo):
+    from spinquant.models import demo_gguf_path, load_gguf
+
+    from_gguf = load_gguf(demo_gguf_path("smollm2-135m"))
+    cached, original = demo.model.state_dict(), from_gguf.model.state_dict()
+    assert cached.keys() == original.keys() and all(torch.equal(cached[k], original[k]) for k in cached)
+    text = "The capital of France is Paris. Ünïcödé, digits 12345 and <|im_end|>"
+    assert demo.tokenizer(text)["input_ids"] == from_gguf.tokenizer(text)["input_ids"]
+    assert demo.tokenizer.eos_token_id == from_gguf.tokenizer.eos_token_id and demo.tokenizer.bos_token_id == from_gguf.tokenizer.bos_token_id

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from spinquant.errors import UserError
@@ -118,21 +119,28 @@ def needs_our_kernels(program: bytes) -> bool:
     return b"spinquant::hadamard_transform" in program
 
 
-def load_program(program: Path | bytes):
-    """A .pte in ExecuTorch's Python runtime, with every method loaded so that a missing kernel
-    shows here. ExecuTorch reports one as "Failed to load method ..., error: 0x:14" (its log names
-    the operator); when ours is the one missing, this says how to fix it. Keep the returned
-    program referenced while using its methods: a method does not keep its program alive."""
+@dataclass
+class LoadedProgram:
+    """A program with every method loaded; hold it while using the methods (a method does not keep
+    its program alive)."""
+
+    program: object
+    methods: dict
+
+
+def load_program(program: Path | bytes) -> LoadedProgram:
+    """A .pte in ExecuTorch's Python runtime, every method loaded once so that a missing kernel shows
+    here. ExecuTorch reports one as "Failed to load method ..., error: 0x:14" (its log names the
+    operator); when ours is the one missing, this says how to fix it."""
     from executorch.runtime import Runtime
 
     data = program if isinstance(program, bytes) else Path(program).read_bytes()
     runtime = Runtime.get()
     loaded = runtime.load_program(data)
     try:
-        for name in sorted(loaded.method_names):
-            loaded.load_method(name)
+        methods = {name: loaded.load_method(name) for name in sorted(loaded.method_names)}
     except RuntimeError as e:
         if needs_our_kernels(data) and OPERATOR not in runtime.operator_registry.operator_names:
             raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
         raise
-    return loaded
+    return LoadedProgram(loaded, methods)

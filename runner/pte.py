@@ -25,8 +25,8 @@ class PteProgram:
 
         load_runtime_kernels()
         self.path = Path(path)
-        self.program = kernels.load_program(self.path)  # held: a method does not keep its program alive
-        self.forward_method = self.program.load_method("forward")
+        self.loaded = kernels.load_program(self.path)
+        self.forward_method = self.loaded.methods["forward"]
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         return self.forward_method.execute([input_ids, cache_position])[0]
@@ -53,9 +53,9 @@ class PteProgram:
         return new
 
     def metadata(self) -> dict:
-        names = set(self.program.method_names)
+        names = set(self.loaded.methods)
         return {m: self._constant(m) for m in METADATA_METHODS if m in names}
 
     def _constant(self, name: str):
-        values = self.program.load_method(name).execute([])
+        values = self.loaded.methods[name].execute([])
         return values if name == "get_eos_ids" else values[0]

@@ -170,7 +170,7 @@ def test_pte_with_xnnpack_linears_matches_eager(runtime):
     program = to_pte(model, (x,), xnnpack=True)
     assert kernels.build.needs_our_kernels(program)
     loaded = kernels.load_program(program)
-    y = loaded.load_method("forward").execute([x])[0]
+    y = loaded.methods["forward"].execute([x])[0]
     with torch.no_grad():
         expected = model(x)
     assert relative_error(y, expected.double()) <= 1e-5
@@ -193,7 +193,7 @@ def kernel_inputs(dtype: torch.dtype) -> list[torch.Tensor]:
 def test_cpp_kernel_matches_dense_for_every_k(runtime, dtype, tolerance):
     xs = kernel_inputs(dtype)
     program = kernels.load_program(to_pte(Many(), tuple(xs)))  # referenced: methods need it alive
-    ys = program.load_method("forward").execute(xs)
+    ys = program.methods["forward"].execute(xs)
     for x, y in zip(xs, ys, strict=True):
         assert y.dtype == dtype and y.shape == x.shape
         assert relative_error(y, reference(x)) <= tolerance, f"n = {x.shape[-1]}"

@@ -5,13 +5,15 @@ The field's convention: tokenize the whole text once, cut it into non-overlappin
 """
 
 import argparse
+import dataclasses
 import hashlib
+import json
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,23 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_json_atomic
-from spinquant.models import load_model
+from spinquant.models import LoadedModel, load_model
 from spinquant.quant import SETTINGS, QuantConfig, quantize_model, setting
-from spinquant.rotation import apply_rotations, rotations_for
+from spinquant.rotation import PRESETS, apply_rotations, rotations_for
+
+if TYPE_CHECKING:
+    from spinquant.gptq import GPTQConfig, GPTQResult
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "eval.txt"
+DEFAULT_CALIB = DEFAULT_TEXT.with_name("calib.txt")
+
+
+@dataclass(frozen=True)
+class GPTQRequest:
+    """Weights by GPTQ instead of round-to-nearest, on this calibration text."""
+
+    config: "GPTQConfig"
+    calibration: Path = DEFAULT_CALIB
 
 
 def read_text(path: Path) -> str:
@@ -65,12 +79,49 @@ def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int =
     return perplexity_of(lambda b: model(b.to(device), use_cache=False).logits, windows, batch_size, progress)
 
 
-def evaluate(model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: int = 0, dtype=torch.float32) -> float:
-    """Load fresh, rotate, fake-quantize, measure. `windows_of(tokenizer)` gives the token windows."""
+def quantized_model(
+    model_name: str, rotation: str, qc: QuantConfig, seed: int = 0, dtype=torch.float32,
+    device: str = "cpu", gptq: GPTQRequest | None = None,
+) -> tuple[LoadedModel, "GPTQResult | None"]:
+    """Load fresh, rotate, quantize the weights (RTN, or GPTQ when asked), fake-quantize activations and K/V."""
+    from spinquant.gptq import rotation_id, run_gptq  # spinquant.gptq imports this module
+
     loaded = load_model(model_name, dtype)
-    model = apply_rotations(loaded.model, rotations_for(rotation, loaded.model.config, seed, r3=qc.quantizes_kv))
+    model = apply_rotations(loaded.model, rotations_for(rotation, loaded.model.config, seed, r3=qc.quantizes_kv)).to(device)
+    result = None
+    if gptq is not None:
+        result = run_gptq(model, loaded.tokenizer, gptq.calibration, gptq.config, torch.device(device), model_name, rotation_id(rotation, seed))
+        qc = dataclasses.replace(qc, w_bits=16)  # the weights hold GPTQ's values already
     quantize_model(model, qc)
-    return perplexity(model, windows_of(loaded.tokenizer))
+    return loaded, result
+
+
+def evaluate(
+    model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: int = 0, dtype=torch.float32,
+    device: str = "cpu", gptq: GPTQRequest | None = None,
+) -> float:
+    """Perplexity of quantized_model(...); `windows_of(tokenizer)` gives the token windows."""
+    loaded, _ = quantized_model(model_name, rotation, qc, seed, dtype, device, gptq)
+    return perplexity(loaded.model, windows_of(loaded.tokenizer))
+
+
+def calibration_hashes(rotation: str, gptq_calibration: Path | None) -> dict[str, str]:
+    """sha256 of every calibration text behind this evaluation: a learned rotation's (its .json) and GPTQ's."""
+    hashes = {}
+    sidecar = Path(rotation).with_suffix(".json")
+    if rotation not in PRESETS and sidecar.is_file():
+        recorded = json.loads(sidecar.read_text()).get("calibration_sha256")
+        if recorded:
+            hashes[f"rotation {rotation}"] = recorded
+    if gptq_calibration is not None:
+        hashes[f"GPTQ ({gptq_calibration})"] = text_sha256(read_text(gptq_calibration))
+    return hashes
+
+
+def refuse_calibration_text(text: Path, text_hash: str, hashes: dict[str, str]) -> None:
+    for what, calibration_hash in hashes.items():
+        if calibration_hash == text_hash:
+            raise UserError(f"the evaluation text {text} is the calibration text of the {what} (same sha256); evaluate on held-out text")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,8 +144,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--seed", type=int, default=0, help="seed of random rotations")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--w-gptq", action="store_true", help="weights by GPTQ on the calibration text instead of round-to-nearest")
+    p.add_argument("--gptq-windows", type=int, default=128, help="calibration windows of --seqlen tokens (fewer if the text is shorter)")
+    p.add_argument("--gptq-damp", type=float, default=0.01, help="dampening, fraction of the Hessian's mean diagonal")
+    p.add_argument("--gptq-act-order", action="store_true", help="columns by decreasing Hessian diagonal (static group scales)")
+    p.add_argument("--gptq-scale-dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 = the export's 8da4w scales")
+    p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB, help="GPTQ's calibration text (never the evaluation text)")
+    p.add_argument("--gptq-output", type=Path, help="save GPTQ's integers and scales here (for export.to_pte --gptq-file)")
     p.add_argument("--output", type=Path, help="JSON file for the result")
     return p.parse_args(argv)
+
+
+def gptq_request_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQRequest | None:
+    from spinquant.gptq import GPTQConfig  # spinquant.gptq imports this module
+
+    if not args.w_gptq:
+        return None
+    if qc.w_bits >= 16:
+        raise UserError("--w-gptq needs quantized weights: a setting such as w4a8, or --w-bits")
+    if not qc.w_sym:
+        raise UserError("--w-gptq computes symmetric scales (torchao's 8da4w); drop --w-asym")
+    if qc.lm_head:
+        raise UserError("--w-gptq quantizes the decoder's linears only; drop --quantize-lm-head")
+    if args.gptq_windows < 1:
+        raise UserError("--gptq-windows must be at least 1")
+    config = GPTQConfig(
+        bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=qc.w_clip_search,
+        windows=args.gptq_windows, seqlen=args.seqlen, scale_dtype=args.gptq_scale_dtype,
+    )
+    return GPTQRequest(config, args.calib_text)
 
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -111,15 +190,21 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     qc = quant_config_from_args(args)
+    gptq = gptq_request_from_args(args, qc)
     text = read_text(args.text)
+    refuse_calibration_text(args.text, text_sha256(text), calibration_hashes(args.rotation, gptq and gptq.calibration))
     start = time.time()
-    ppl = evaluate(args.model, args.rotation, qc, lambda tok: token_windows(tok, text, args.seqlen, args.max_windows), args.seed)
+    loaded, gptq_result = quantized_model(args.model, args.rotation, qc, args.seed, device=args.device, gptq=gptq)
+    ppl = perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows))
     result = dict(
         model=args.model, rotation=args.rotation, quant=asdict(qc), text=str(args.text), text_sha256=text_sha256(text),
         seqlen=args.seqlen, max_windows=args.max_windows, perplexity=ppl, seconds=round(time.time() - start, 1),
+        gptq=gptq_result.describe() if gptq_result else None,
     )
+    if gptq_result and args.gptq_output:
+        gptq_result.save(args.gptq_output)
     print(f"| model | rotation | quant | windows | perplexity |\n|---|---|---|---|---|\n"
-          f"| {args.model} | {args.rotation} | {args.quant} | {args.max_windows or 'all'} | {ppl:.3f} |")
+          f"| {args.model} | {args.rotation} | {args.quant}{' GPTQ' if gptq else ''} | {args.max_windows or 'all'} | {ppl:.3f} |")
     if args.output:
         write_json_atomic(args.output, result)
     return result

@@ -1,0 +1,311 @@
+"""GPTQ (Frantar et al. 2022): int4 group-wise weights that absorb each column's rounding error.
+
+Layer by layer over the rotated model: each decoder layer's inputs come from the already-quantized
+previous layers; inside a layer the linears go in SpinQuant's order (q/k/v, o, gate/up, down), each
+group's Hessian H = 2XᵀX/n (float32) taken with the earlier groups already quantized. As in
+SpinQuant's gptq_utils, activations are NOT fake-quantized while collecting: the Hessians see the
+full-precision activations of the quantized-weight model. down_proj's Hessian is taken on the input
+of the inner linear of OnlineHadamardLinear, which is already Hadamard-transformed (R4).
+
+Scales are torchao's 8da4w layout bit for bit: symmetric, max|w| / 7.5 per group of `group` inputs,
+cast to the scale dtype (the export's is bfloat16), q = clamp(round(w · (1/scale)), −8, 7) with the
+reciprocal taken in the scale dtype, as torchao's quantize_affine does. So the integers and scales
+can be written into the exported program as they are.
+"""
+
+import dataclasses
+import hashlib
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from spinquant.errors import UserError
+from spinquant.eval import text_sha256, token_windows
+from spinquant.files import write_atomic
+from spinquant.quant import CLIP_GRID, _qrange, _scale_and_zero
+from spinquant.rotation import OnlineHadamardLinear
+
+SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# SpinQuant's "true sequential" order: a group's Hessian sees the groups before it quantized.
+SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+# Each failed Cholesky multiplies the damping by 10; after this many, the Hessian is hopeless.
+CHOLESKY_TRIES = 8
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group: int = 32  # 0 = one scale per output channel
+    damp: float = 0.01  # fraction of the Hessian's mean diagonal added to it
+    act_order: bool = False  # columns by decreasing H_ii; the group scales are then computed up front
+    clip_search: bool = False  # per group, the clip ratio of quant.CLIP_GRID with the least squared error
+    windows: int = 128
+    seqlen: int = 2048
+    block: int = 128  # columns per lazy batch update
+    scale_dtype: str = "bf16"  # the export's 8da4w scales (export/quantize.py)
+
+
+@dataclass
+class QuantizedWeight:
+    qdata: torch.Tensor  # int8 (out, in), values in [qmin, qmax]
+    scale: torch.Tensor  # (out, in // group) in the scale dtype; zero point 0
+
+    def dequantize(self) -> torch.Tensor:
+        group = self.qdata.shape[1] // self.scale.shape[1]
+        return self.qdata.float() * self.scale.float().repeat_interleave(group, dim=1)
+
+
+@dataclass
+class GPTQResult:
+    """Integer weights and scales per linear (module names of the rotated model) and where they came from."""
+
+    weights: dict[str, QuantizedWeight]
+    config: GPTQConfig
+    model: str
+    rotation: str  # rotation_id() of the rotation the weights were computed under
+    calibration: str
+    calibration_sha256: str
+    windows: int
+    seconds: float
+
+    def describe(self) -> dict:
+        info = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "weights"}
+        return {**info, "config": dataclasses.asdict(self.config), "linears": len(self.weights)}
+
+    def save(self, path: Path) -> None:
+        buf = io.BytesIO()
+        weights = {name: {"qdata": w.qdata, "scale": w.scale} for name, w in self.weights.items()}
+        torch.save({**self.describe(), "weights": weights}, buf)
+        write_atomic(path, buf.getvalue())
+
+    @staticmethod
+    def load(path: Path) -> "GPTQResult":
+        if not Path(path).is_file():
+            raise UserError(f"GPTQ file not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state.pop("linears")
+        weights = {name: QuantizedWeight(**w) for name, w in state.pop("weights").items()}
+        return GPTQResult(weights=weights, config=GPTQConfig(**state.pop("config")), **state)
+
+
+def rotation_id(spec: str, seed: int) -> str:
+    """What a GPTQ result was computed under: a file by its content, a random preset with its seed."""
+    path = Path(spec)
+    if spec not in ("none", "r4", "hadamard", "orthogonal") and path.is_file():
+        return "file:sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{spec}:seed{seed}" if spec in ("hadamard", "orthogonal") else spec
+
+
+def group_scale(w: torch.Tensor, bits: int, clip: float, scale_dtype: torch.dtype) -> torch.Tensor:
+    """torchao's symmetric scale of each row of w (one group), cast to the scale dtype: (rows, 1)."""
+    scale, _ = _scale_and_zero(w.float(), bits, True, clip)
+    return scale.to(scale_dtype)
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers as torchao's quantize_affine: the reciprocal in the scale's dtype, the product in w's."""
+    qmin, qmax = _qrange(bits)
+    return torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
+
+
+def best_group_scale(w: torch.Tensor, bits: int, scale_dtype: torch.dtype, clip_search: bool) -> torch.Tensor:
+    if not clip_search:
+        return group_scale(w, bits, 1.0, scale_dtype)
+    best, best_err = None, None
+    for ratio in CLIP_GRID:
+        scale = group_scale(w, bits, ratio, scale_dtype)
+        err = (quantize_with_scale(w, scale, bits) * scale.to(w.dtype) - w).pow(2).sum(-1, keepdim=True)
+        better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
+        best = scale if best is None else torch.where(better, scale, best)
+        best_err = err if best_err is None else torch.where(better, err, best_err)
+    return best
+
+
+def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """U with UᵀU = (H + λI)⁻¹, λ = damp · mean diag(H); λ grows tenfold until both factorizations succeed."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal().mean()
+    ratio = damp
+    for _ in range(CHOLESKY_TRIES):
+        lower, info = torch.linalg.cholesky_ex(h + ratio * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper
+        ratio = ratio * 10 if ratio > 0 else 1e-4
+    raise UserError(f"the Hessian stays singular even with damping {ratio / 10:g} × its mean diagonal")
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
+    """GPTQ of one weight (out, in) under the Hessian (in, in); works in the Hessian's dtype."""
+    w = weight.to(hessian.dtype).clone()
+    h = hessian.clone()
+    n = w.shape[1]
+    group = cfg.group or n
+    if n % group:
+        raise UserError(f"weight group size {group} does not divide the layer's {n} inputs")
+    dead = (h.diagonal() == 0).nonzero().flatten()
+    h[dead, dead] = 1  # an input that is always 0: any weight works; the reference zeroes it
+    w[:, dead] = 0
+    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
+    static = torch.cat([best_group_scale(g, cfg.bits, scale_dtype, cfg.clip_search) for g in w.split(group, 1)], 1) if cfg.act_order else None
+    perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(n, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = upper_cholesky_of_inverse(h, cfg.damp)
+    q = torch.zeros_like(w)
+    scales = static if static is not None else torch.empty(w.shape[0], n // group, dtype=scale_dtype, device=w.device)
+    block = group * max(1, cfg.block // group)  # a group never straddles two blocks
+    for b0 in range(0, n, block):
+        b1 = min(b0 + block, n)
+        wb, ub = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        err = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if static is None and col % group == 0:
+                # From the current weights: the error of earlier columns already moved this group.
+                scales[:, col // group] = best_group_scale(wb[:, i : i + group], cfg.bits, scale_dtype, cfg.clip_search)[:, 0]
+            s = scales[:, perm[col] // group] if static is not None else scales[:, col // group]
+            q[:, col] = quantize_with_scale(wb[:, i], s, cfg.bits)
+            err[:, i] = (wb[:, i] - q[:, col] * s.to(w.dtype)) / ub[i, i]
+            wb[:, i:] -= err[:, i : i + 1] * ub[i : i + 1, i:]
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    q = q[:, torch.argsort(perm)]
+    return QuantizedWeight(q.to(torch.int8), scales)
+
+
+class HessianAccumulator:
+    """Σ xᵀx over every token seen by a linear's input (float32), then H = 2XᵀX / n."""
+
+    def __init__(self, linear: nn.Linear):
+        self.sum = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float32, device=linear.weight.device)
+        self.tokens = 0
+        self.handle = linear.register_forward_pre_hook(self.add)
+
+    def add(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        self.handle.remove()
+        return self.sum * (2.0 / self.tokens)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_layer_inputs(model: LlamaForCausalLM, windows: torch.Tensor, device: torch.device) -> tuple[list[torch.Tensor], dict]:
+    """Each window's hidden states entering layer 0 (kept on the CPU) and the layer's other arguments."""
+    inner = model.model
+    inner.embed_tokens.to(device)
+    inner.rotary_emb.to(device)
+    captured, kwargs = [], {}
+
+    def catch(module: nn.Module, args: tuple, kw: dict):
+        captured.append(args[0].cpu())
+        kwargs.update(kw)
+        raise _StopForward
+
+    handle = inner.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for window in windows:
+            try:
+                inner(window[None].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured, kwargs
+
+
+def inner_linear(layer: nn.Module, name: str) -> nn.Linear:
+    module = layer.get_submodule(name)
+    return module.linear if isinstance(module, OnlineHadamardLinear) else module  # R4: its input is transformed
+
+
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device) -> list[torch.Tensor]:
+    return [layer(x.to(device), **kwargs).cpu() for x in inputs]
+
+
+@torch.no_grad()
+def quantize_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, cfg: GPTQConfig, device: torch.device) -> dict[nn.Linear, QuantizedWeight]:
+    """GPTQ every linear of one decoder layer in SpinQuant's order; their weights become the dequantized ones."""
+    done = {}
+    for names in SEQUENTIAL:
+        linears = [inner_linear(layer, name) for name in names]
+        accumulators = [HessianAccumulator(linear) for linear in linears]
+        run_layer(layer, inputs, kwargs, device)
+        for linear, acc in zip(linears, accumulators):
+            qw = gptq_quantize(linear.weight.data, acc.hessian(), cfg)
+            linear.weight.data = qw.dequantize().to(linear.weight.dtype)
+            done[linear] = QuantizedWeight(qw.qdata.cpu(), qw.scale.cpu())
+    return done
+
+
+def check_calibration_tokens(model: LlamaForCausalLM, tokens: int) -> None:
+    """Fewer tokens than a linear has inputs leave its Hessian rank-deficient: GPTQ would fit noise."""
+    widest = max(m.in_features for m in model.model.layers.modules() if isinstance(m, nn.Linear))
+    if tokens < widest:
+        raise UserError(
+            f"too few calibration tokens: {tokens}, fewer than the {widest} inputs of the widest linear; "
+            "give more windows or a longer calibration text"
+        )
+
+
+def gptq_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: GPTQConfig, device: torch.device, progress: bool = True) -> dict[str, QuantizedWeight]:
+    """GPTQ of every decoder linear, in place (weights become their dequantized values); integers by module name."""
+    check_calibration_tokens(model, windows.numel())
+    names = {m: name for name, m in model.named_modules()}
+    home = next(model.parameters()).device
+    inputs, kwargs = first_layer_inputs(model, windows, device)
+    result = {}
+    for layer in tqdm(model.model.layers, desc="GPTQ", unit="layer", disable=not progress):
+        layer.to(device)
+        result.update({names[linear]: qw for linear, qw in quantize_layer(layer, inputs, kwargs, cfg, device).items()})
+        with torch.no_grad():
+            inputs = run_layer(layer, inputs, kwargs, device)  # the next layer sees this layer quantized
+        layer.to(home)
+    model.model.embed_tokens.to(home)
+    model.model.rotary_emb.to(home)
+    return result
+
+
+def run_gptq(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    calibration: Path,
+    cfg: GPTQConfig,
+    device: torch.device,
+    model_name: str,
+    rotation: str,
+) -> GPTQResult:
+    """GPTQ on the first `cfg.windows` windows of the calibration text (all of them if it has fewer)."""
+    if not calibration.is_file():
+        raise UserError(f"calibration text not found: {calibration}")
+    text = calibration.read_text(encoding="utf-8")
+    windows = token_windows(tokenizer, text, cfg.seqlen, cfg.windows)
+    if len(windows) < cfg.windows:
+        print(f"GPTQ: the calibration text has {len(windows)} windows of {cfg.seqlen} tokens, using them all", file=sys.stderr)
+    start = time.time()
+    weights = gptq_model(model, windows, cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return GPTQResult(
+        weights=weights, config=cfg, model=model_name, rotation=rotation, calibration=str(calibration),
+        calibration_sha256=text_sha256(text), windows=len(windows), seconds=round(time.time() - start, 1),
+    )
+

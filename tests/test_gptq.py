@@ -1,0 +1,170 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
+
+from export.quantize import linear_config
+from spinquant.errors import UserError
+from spinquant.eval import main as eval_main
+from spinquant.eval import text_sha256
+from spinquant.gptq import GPTQConfig, GPTQResult, gptq_model, gptq_quantize, upper_cholesky_of_inverse
+from spinquant.models import tiny_llama, tiny_llama_config
+from spinquant.quant import fake_quantize
+from spinquant.rotation import apply_rotations, rotations_for
+
+
+def correlated_hessian(n: int, tokens: int = 4096, seed: int = 0) -> torch.Tensor:
+    """H = 2XᵀX/n of inputs with correlated channels and one outlier channel, as real activations."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n) + torch.eye(n, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix
+    x[:, 3] *= 20
+    return 2 * x.T @ x / tokens
+
+
+def random_weight(out: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(out, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ): the squared error of x·Wᵀ over the inputs behind H."""
+    d = (w - w_hat.to(w.dtype)).to(h.dtype)
+    return ((d @ h) * d).sum().item()
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, group: int, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """The optimal-brain-surgeon recursion of the paper, column by column in float64, with an explicit inverse.
+
+    Scales as torchao (symmetric, max|w|/7.5, fp32) from each group's current weights when it starts.
+    """
+    w = w.clone()
+    n = w.shape[1]
+    hinv = torch.linalg.inv(h + damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype))
+    q = torch.zeros_like(w)
+    scales = []
+    for j in range(n):
+        if j % group == 0:
+            s = (w[:, j : j + group].float().abs().amax(1) / 7.5).clamp(min=torch.finfo(torch.float32).smallest_normal)
+            scales.append(s)
+        q[:, j] = torch.clamp(torch.round(w[:, j] * (1.0 / s)), -8, 7)
+        e = (w[:, j] - q[:, j] * s.double()) / hinv[j, j]
+        w[:, j + 1 :] -= e[:, None] * hinv[j, j + 1 :][None]
+        hinv = hinv - hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]  # drop column j from the problem
+    return q, torch.stack(scales, 1)
+
+
+def test_gptq_equals_the_column_by_column_reference():
+    h, w = correlated_hessian(96), random_weight(24, 96)
+    ours = gptq_quantize(w, h, GPTQConfig(group=32, block=64, scale_dtype="fp32"))
+    q, scales = reference_gptq(w, h, 32)
+    assert torch.equal(ours.scale, scales)
+    assert torch.equal(ours.qdata.double(), q)
+
+
+def test_gptq_output_error_is_below_round_to_nearest():
+    h, w = correlated_hessian(128), random_weight(32, 128)
+    rtn = fake_quantize(w.float(), 4, 32, symmetric=True)
+    for cfg in (GPTQConfig(), GPTQConfig(act_order=True), GPTQConfig(clip_search=True)):
+        gptq = gptq_quantize(w, h, cfg).dequantize()
+        assert output_error(w, gptq, h) < 0.7 * output_error(w, rtn, h), cfg
+
+
+@pytest.mark.parametrize("scale_dtype", ["bf16", "fp32"])
+def test_identity_hessian_gives_torchao_8da4w_integers_and_scales(scale_dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 48, bias=False)
+    linear.weight.data[:, 7] *= 30  # groups of very different ranges
+    reference = copy.deepcopy(linear)
+    config = linear_config("8da4w", 32) if scale_dtype == "bf16" else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
+    quantize_(reference, config)
+    ours = gptq_quantize(linear.weight.data, torch.eye(256), GPTQConfig(group=32, scale_dtype=scale_dtype))
+    assert ours.scale.dtype == reference.weight.scale.dtype
+    assert torch.equal(ours.qdata, reference.weight.qdata)
+    assert torch.equal(ours.scale, reference.weight.scale)
+    assert torch.equal(ours.dequantize(), reference.weight.dequantize())
+
+
+def test_act_order_keeps_the_static_round_to_nearest_scales():
+    h, w = correlated_hessian(64), random_weight(16, 64)
+    ours = gptq_quantize(w, h, GPTQConfig(act_order=True, scale_dtype="fp32"))
+    rtn_scale = (w.float().unflatten(1, (2, 32)).abs().amax(-1) / 7.5)
+    assert torch.equal(ours.scale, rtn_scale)
+    assert ours.qdata.min() >= -8 and ours.qdata.max() <= 7
+
+
+def test_dead_input_channel_and_rank_deficient_hessian_are_handled():
+    h, w = correlated_hessian(64), random_weight(16, 64)
+    h[5, :], h[:, 5] = 0, 0  # an input that is always zero
+    ours = gptq_quantize(w, h, GPTQConfig())
+    assert torch.equal(ours.qdata[:, 5], torch.zeros(16, dtype=torch.int8))
+    assert torch.isfinite(ours.dequantize()).all()
+    x = torch.randn(8, 64, dtype=torch.float64)  # 8 tokens for 64 inputs: singular, and no damping at all
+    low_rank = gptq_quantize(w, 2 * x.T @ x / 8, GPTQConfig(damp=0.0))
+    assert torch.isfinite(low_rank.dequantize()).all()
+
+
+def test_hopeless_hessian_is_a_clear_error():
+    with pytest.raises(UserError, match="the Hessian stays singular"):
+        upper_cholesky_of_inverse(torch.full((4, 4), float("nan"), dtype=torch.float64), 0.01)
+
+
+def tiny_rotated_model(rotation: str = "hadamard"):
+    model = tiny_llama(tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2), dtype=torch.float32)
+    return apply_rotations(model, rotations_for(rotation, model.config))
+
+
+def test_model_gptq_quantizes_every_decoder_linear_in_place():
+    model = tiny_rotated_model()
+    windows = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    result = gptq_model(model, windows, GPTQConfig(group=32), torch.device("cpu"), progress=False)
+    assert len(result) == 2 * 7 and "model.layers.1.mlp.down_proj.linear" in result  # R4: the inner linear
+    for name, qw in result.items():
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+        assert qw.qdata.dtype == torch.int8 and qw.scale.dtype == torch.bfloat16
+
+
+def test_too_few_calibration_tokens_is_a_clear_error():
+    model = tiny_rotated_model()
+    with pytest.raises(UserError, match="too few calibration tokens: 64, fewer than the 128 inputs"):
+        gptq_model(model, torch.zeros(2, 32, dtype=torch.long), GPTQConfig(), torch.device("cpu"), progress=False)
+
+
+@pytest.fixture
+def calib_text(tiny_hf_dir, tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text((tiny_hf_dir.parent / "text.txt").read_text().replace("Boulter", "Smith"))
+    return path
+
+
+def test_eval_with_gptq_records_the_calibration_and_saves_integers(tiny_hf_dir, calib_text, tmp_path):
+    args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--quant", "w4a8"]
+    rtn = eval_main(args)
+    gptq = eval_main(args + ["--w-gptq", "--calib-text", str(calib_text), "--gptq-windows", "4", "--gptq-output", str(tmp_path / "g.pt")])
+    assert gptq["perplexity"] != rtn["perplexity"] and math.isfinite(gptq["perplexity"])
+    assert gptq["gptq"]["windows"] == 4 and gptq["gptq"]["calibration_sha256"] != gptq["text_sha256"]
+    saved = GPTQResult.load(tmp_path / "g.pt")
+    assert saved.calibration_sha256 == gptq["gptq"]["calibration_sha256"] and len(saved.weights) == 14
+
+
+def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
+    text = tiny_hf_dir.parent / "text.txt"
+    args = ["--model", str(tiny_hf_dir), "--text", str(text), "--seqlen", "64", "--quant", "w4a8"]
+    with pytest.raises(UserError, match="is the calibration text of the GPTQ"):
+        eval_main(args + ["--w-gptq", "--calib-text", str(text)])
+    rotation = tmp_path / "r.pt"
+    rotation.write_bytes(b"")  # refused before it is read
+    rotation.with_suffix(".json").write_text(json.dumps({"calibration_sha256": text_sha256(text.read_text())}))
+    with pytest.raises(UserError, match="is the calibration text of the rotation"):
+        eval_main(args + ["--rotation", str(rotation)])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [(["--quant", "fp"], "--w-gptq needs quantized weights"), (["--w-asym"], "drop --w-asym"), (["--quantize-lm-head"], "drop --quantize-lm-head")],
+)
+def test_eval_refuses_what_gptq_cannot_do(tiny_hf_dir, extra, message):
+    with pytest.raises(UserError, match=message):
+        eval_main(["--model", str(tiny_hf_dir), "--quant", "w4a8", "--w-gptq", *extra])

@@ -36,6 +36,9 @@ class ExportOptions:
     dtype: str = "fp32"
     verify: bool = True
     seed: int = 0
+    gptq: bool = False  # int4 weights by GPTQ (spinquant/gptq.py) on the calibration text, run now
+    gptq_file: str = ""  # or a saved GPTQ result: python -m spinquant.eval --w-gptq --gptq-output FILE
+    gptq_windows: int = 128
 
     def check(self) -> "ExportOptions":
         self.rotation = self.rotation or default_rotation(self.model)
@@ -50,6 +53,10 @@ class ExportOptions:
                 )
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; choose one of {GROUP_SIZES}")
+        if (self.gptq or self.gptq_file) and self.qlinear != "8da4w":
+            raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {self.qlinear}")
+        if self.gptq and self.gptq_file:
+            raise UserError("give --gptq (run GPTQ now) or --gptq-file (a saved result), not both")
         if self.max_seq_len < 2:
             raise UserError(f"--max-seq-len {self.max_seq_len} is too small; it must be at least 2")
         return self

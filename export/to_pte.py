@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from export.gptq_weights import gptq_for_export, write_gptq_weights
 from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
 from export.program import delegate_linears, emit_program, export_program, metadata
 from export.quantize import quantize_for_export
@@ -41,6 +42,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--output-dir", type=Path, help=f"(default {d.output_dir})")
     p.add_argument("--dtype", help=f"(default {d.dtype})")
     p.add_argument("--seed", type=int, help="seed of random rotations")
+    p.add_argument("--gptq", action="store_const", const=True, help="int4 weights by GPTQ on the calibration text, not round-to-nearest")
+    p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq --gptq-output FILE)")
+    p.add_argument("--gptq-windows", type=int, help=f"calibration windows for --gptq (default {d.gptq_windows})")
     p.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip running the .pte against eager")
     args = vars(p.parse_args(argv))
     values = options_from_yaml(args.pop("config")) if args.get("config") else {}
@@ -95,7 +99,10 @@ def run(opts: ExportOptions) -> dict:
     with stage("rotate"):
         apply_rotations(model, rotations)
     with stage("quantize"):
+        gptq = gptq_for_export(opts, model, loaded.tokenizer)
         quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
+        if gptq is not None:
+            write_gptq_weights(model, gptq)  # torchao rounded to nearest: GPTQ's integers replace its own
     meta = metadata(model, loaded.tokenizer, opts.max_seq_len)
     with stage("torch.export"):
         program = export_program(model, opts.max_seq_len)
@@ -107,7 +114,7 @@ def run(opts: ExportOptions) -> dict:
         (out / stale).unlink(missing_ok=True)  # nothing from an earlier export may pass for this one's
     pte_tmp = out / ".model.pte.unverified"
     report = dict(
-        options=opts.record(), rotation=describe_rotations(rotations), metadata=meta,
+        options=opts.record(), rotation=describe_rotations(rotations), gptq=gptq.describe() if gptq else None, metadata=meta,
         pte_bytes=len(manager.buffer), parts=program_parts(model),
         export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
         environment=describe_environment(),

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from export.gptq_weights import write_gptq_weights
+from export.options import ExportOptions
+from export.program import with_static_cache
+from export.quantize import quantize_for_export
+from export.to_pte import run
+from runner.pte import PteProgram
+from spinquant.errors import UserError
+from spinquant.eval import text_sha256, token_windows
+from spinquant.gptq import GPTQConfig, GPTQResult, gptq_model, rotation_id
+from spinquant.models import load_model
+from spinquant.rotation import apply_rotations, rotations_for
+
+
+def rotated(model_dir, rotation: str = "r4"):
+    loaded = load_model(str(model_dir))
+    return loaded, apply_rotations(loaded.model.requires_grad_(False), rotations_for(rotation, loaded.model.config))
+
+
+@pytest.fixture(scope="module")
+def gptq_file(tiny_hf_dir, tmp_path_factory):
+    """GPTQ of the tiny model under R4 on 4 windows of 64 tokens, saved as `spinquant.eval --gptq-output` does."""
+    loaded, model = rotated(tiny_hf_dir)
+    text = (tiny_hf_dir.parent / "text.txt").read_text()
+    cfg = GPTQConfig(group=32, windows=4, seqlen=64)
+    weights = gptq_model(model, token_windows(loaded.tokenizer, text, 64, 4), cfg, torch.device("cpu"), progress=False)
+    path = tmp_path_factory.mktemp("gptq") / "gptq.pt"
+    GPTQResult(weights, cfg, str(tiny_hf_dir), rotation_id("r4", 0), "text.txt", text_sha256(text), 4, 0.0).save(path)
+    return path
+
+
+def eager_8da4w(model_dir, opts: ExportOptions, gptq: GPTQResult | None):
+    _, model = rotated(model_dir, opts.rotation)
+    quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
+    if gptq is not None:
+        write_gptq_weights(model, gptq)
+    return model
+
+
+def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, tmp_path):
+    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path).check()
+    report = run(opts)  # its own check compares the program with the eager GPTQ model
+    result = GPTQResult.load(gptq_file)
+    assert report["gptq"]["calibration_sha256"] == result.calibration_sha256
+    gptq_eager, rtn_eager = eager_8da4w(tiny_hf_dir, opts, result), eager_8da4w(tiny_hf_dir, opts, None)
+    differ = 0
+    for name, qw in result.weights.items():
+        ours, torchao_rtn = gptq_eager.get_submodule(name).weight, rtn_eager.get_submodule(name).weight
+        assert torch.equal(ours.qdata, qw.qdata) and torch.equal(ours.scale, qw.scale) and not ours.zero_point.any()
+        differ += not torch.equal(torchao_rtn.qdata, qw.qdata)
+    assert differ == len(result.weights)  # torchao alone would have rounded every linear differently
+    program = PteProgram(tmp_path / "model.pte")
+    ids, pos = torch.tensor([[5, 17, 33, 2, 60, 7, 11]]), torch.arange(7)
+    with torch.no_grad():
+        ours = program.forward(ids, pos)
+        gptq_logits = with_static_cache(gptq_eager, 32)(input_ids=ids, cache_position=pos)
+        rtn_logits = with_static_cache(rtn_eager, 32)(input_ids=ids, cache_position=pos)
+    assert (ours - gptq_logits).abs().max() < 1e-3
+    assert (ours - rtn_logits).abs().max() > 1e-2  # the check above could tell RTN weights apart
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(rotation="hadamard"), "made under rotation r4, the export uses hadamard:seed0"),
+        (dict(group_size=64), "made with group size 32, the export uses --group-size 64"),
+    ],
+)
+def test_a_gptq_file_from_another_setup_is_refused(tiny_hf_dir, gptq_file, tmp_path, overrides, message):
+    opts = ExportOptions(model=str(tiny_hf_dir), gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path, **overrides)
+    with pytest.raises(UserError, match=message):
+        run(opts.check())
+
+
+def test_gptq_options_are_checked_before_loading():
+    with pytest.raises(UserError, match="use --qlinear 8da4w, not 8da8w"):
+        ExportOptions(gptq=True, qlinear="8da8w").check()
+    with pytest.raises(UserError, match="not both"):
+        ExportOptions(gptq=True, gptq_file="g.pt").check()

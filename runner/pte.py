@@ -11,8 +11,10 @@ METADATA_METHODS = (
 
 
 def load_runtime_kernels() -> None:
-    """Kernels the programs need beyond the runtime's own: ExecuTorch's quantized embedding and our Hadamard."""
-    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_byte.out)
+    """Kernels the programs need beyond the runtime's own: ExecuTorch's quantized embedding, its LLM
+    ops (KV-cache update, SDPA) and our Hadamard."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::update_cache.out, llama::custom_sdpa.out)
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_byte.out)
 
     import kernels
 
@@ -38,19 +40,6 @@ class PteProgram:
             for start, part in zip(range(0, ids.shape[1], chunk), ids.split(chunk, dim=1))
         ]
         return torch.cat(pieces, dim=1)
-
-    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation with the KV cache, stopping at any of the program's end tokens."""
-        ends = set(self.metadata().get("get_eos_ids", []))
-        logits = self.prefill_logits(torch.tensor([prompt_ids]))
-        new: list[int] = []
-        while len(new) < max_new_tokens:
-            token = int(logits[0, -1].argmax())
-            if token in ends:
-                break
-            new.append(token)
-            logits = self.forward(torch.tensor([[token]]), torch.tensor([len(prompt_ids) + len(new) - 1]))
-        return new
 
     def metadata(self) -> dict:
         names = set(self.loaded.methods)

@@ -18,14 +18,21 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from export.options import LEARNED_ROTATIONS
 from export.verify import PROMPT
+from runner.generate import generate
 from runner.pte import PteProgram
 from spinquant.environment import describe_environment, environment_line
 from spinquant.eval import DEFAULT_TEXT, evaluate, perplexity_of, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.quant import setting
 
-ROTATIONS = ("none", "r4", "hadamard")
+ROTATIONS = ("none", "r4", "hadamard", "learned")
+
+
+def rotation_spec(model: str, rotation: str) -> str:
+    """`learned` is the rotation file committed for the model (results/learned_rotation_smollm2.md)."""
+    return str(LEARNED_ROTATIONS[model]) if rotation == "learned" else rotation
 
 
 def export(model: str, rotation: str, out: Path) -> tuple[dict, float]:
@@ -36,14 +43,16 @@ def export(model: str, rotation: str, out: Path) -> tuple[dict, float]:
 
 
 def measure(model: str, rotation: str, out: Path, text: str, max_windows: int) -> dict:
+    rotation = rotation_spec(model, rotation)
     report, wall = export(model, rotation, out)
     program = PteProgram(out / "model.pte")
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    completion = tokenizer.decode(program.generate_greedy(prompt, 16))
+    completion = tokenizer.decode(generate(program, prompt, 16)[0])
     windows = token_windows(tokenizer, text, 2048, max_windows)
     return dict(
-        pte_mib=report["pte_bytes"] / 2**20, export_seconds=report["export_seconds"], wall_seconds=round(wall, 1),
+        rotation=rotation, pte_mib=report["pte_bytes"] / 2**20, export_seconds=report["export_seconds"],
+        stage_seconds=report["stage_seconds"], wall_seconds=round(wall, 1),
         peak_rss_mb=report["peak_rss_mb"], verify=report["verify"], completion=completion,
         pte_perplexity=perplexity_of(program.prefill_logits, windows),
         fake_quant_perplexity=evaluate(model, rotation, setting("w4a8"), lambda _: windows),
@@ -65,7 +74,7 @@ def markdown(results: dict, command: str) -> str:
         "fake-quant W4A8 is `spinquant.eval`'s number for the same rotation on the same windows and machine "
         "(decoder linears only, embedding and lm_head float; the .pte also has 8-bit embedding and lm_head).",
         "",
-        "| rotation | .pte MiB | export s | peak RSS MB | verify max abs Δlogit | .pte perplexity | fake-quant W4A8 | Δ | greedy completion of \"" + PROMPT + "\" |",
+        "| rotation | .pte MiB | export s | peak RSS MB | verify: mean KL, top-1 | .pte perplexity | fake-quant W4A8 | Δ | greedy completion of \"" + PROMPT + "\" |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for rotation in ROTATIONS:
@@ -75,10 +84,36 @@ def markdown(results: dict, command: str) -> str:
         fq = r["fake_quant_perplexity"]
         lines.append(
             f"| {rotation} | {r['pte_mib']:.1f} | {r['export_seconds']:.0f} | {r['peak_rss_mb']} | "
-            f"{r['verify']['max_abs_logit_diff']:.3g} | {r['pte_perplexity']:.2f} | {fq:.2f} | {r['pte_perplexity'] / fq - 1:+.2%} | "
+            f"{r['verify']['mean_kl']:.3g}, {r['verify']['top1_agreement']:.0%} | {r['pte_perplexity']:.2f} | {fq:.2f} | {r['pte_perplexity'] / fq - 1:+.2%} | "
             f"{r['completion'].strip()!r} |"
         )
+    lines += ["", "`learned` is `" + results["rows"].get("learned", {}).get("rotation", "results/rotations/smollm2_w4a8.pt") + "`, "
+              "the rotation learned for W4A8 (results/learned_rotation_smollm2.md), the default of `python -m export.to_pte` for this model."]
+    lines += ["", "Where the export time goes (seconds per stage, from each export's report):", ""]
+    stages = list(next(iter(results["rows"].values()))["stage_seconds"]) if results["rows"] else []
+    lines += ["| rotation | " + " | ".join(stages) + " | wall incl. process start |", "|---" * (len(stages) + 2) + "|"]
+    for rotation, r in ((k, results["rows"][k]) for k in ROTATIONS if k in results["rows"]):
+        lines.append(f"| {rotation} | " + " | ".join(f"{r['stage_seconds'][k]:.0f}" for k in stages) + f" | {r['wall_seconds']:.0f} |")
+    lines += ["", "## What the table shows", ""] + [f"- {line}" for line in findings(results["rows"])]
     return "\n".join(lines) + "\n"
+
+
+def findings(rows: dict) -> list[str]:
+    """The issue's bars, stated as measured."""
+    out = []
+    for rotation, r in ((k, rows[k]) for k in ROTATIONS if k in rows):
+        gap = r["pte_perplexity"] / r["fake_quant_perplexity"] - 1
+        verdict = "within" if abs(gap) <= 0.01 else "NOT within"
+        out.append(f"{rotation}: the .pte's perplexity {r['pte_perplexity']:.2f} is {verdict} 1% of fake-quant {r['fake_quant_perplexity']:.2f} ({gap:+.2%}).")
+    if "r4" in rows and "none" in rows:
+        r4, none = rows["r4"]["pte_perplexity"], rows["none"]["pte_perplexity"]
+        out.append(f"r4 .pte {r4:.2f} against unrotated .pte {none:.2f}: r4 is {'no worse' if r4 <= none else 'WORSE'}.")
+    if "learned" in rows:
+        best = min(rows, key=lambda k: rows[k]["pte_perplexity"])
+        out.append(f"Best .pte: {best} ({rows[best]['pte_perplexity']:.2f}).")
+    slowest = max((r["export_seconds"] for r in rows.values()), default=0)
+    out.append(f"Slowest export {slowest:.0f} s (load to .pte, without the check); the bar is 180 s.")
+    return out
 
 
 def main() -> None:

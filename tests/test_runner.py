@@ -1,0 +1,113 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from export.options import ExportOptions
+from export.to_pte import run
+from runner.generate import Sampling, generate, main, next_token, top_p_filter
+from runner.pte import PteProgram, load_runtime_kernels
+from spinquant.errors import UserError
+
+PROMPT = "Robert Boulter is an English"
+
+
+@pytest.fixture(scope="module")
+def program_dir(tiny_hf_dir, tmp_path_factory):
+    """The tiny model exported with the online Hadamard (r4), as a user's output directory."""
+    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", max_seq_len=32, output_dir=tmp_path_factory.mktemp("pte"))
+    run(opts.check())
+    return opts.output_dir
+
+
+def greedy_reference(program: PteProgram, ids: list[int], n: int) -> list[int]:
+    """Slow and plain: the whole sequence re-run from position 0 for every new token."""
+    out = list(ids)
+    for _ in range(n):
+        out.append(int(program.prefill_logits(torch.tensor([out]))[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def test_greedy_generation_with_the_cache_equals_recomputing_everything(program_dir):
+    program = PteProgram(program_dir / "model.pte")
+    ids = AutoTokenizer.from_pretrained(program_dir)(PROMPT, add_special_tokens=False)["input_ids"]
+    ends = set(program.metadata()["get_eos_ids"])
+    new, stats = generate(program, ids, 8)
+    expected = greedy_reference(program, ids, 8)
+    cut = next((i for i, t in enumerate(expected) if t in ends), len(expected))
+    assert new == expected[:cut]
+    assert stats.prompt_tokens == len(ids) and stats.new_tokens == len(new) and stats.prefill_tokens_per_s > 0
+
+
+def test_generation_stops_when_the_cache_is_full(program_dir):
+    program = PteProgram(program_dir / "model.pte")
+    new, _ = generate(program, [5] * 30, 100, Sampling(temperature=1.0))
+    assert len(new) <= 32 - 30
+    with pytest.raises(UserError, match="the prompt has 32 tokens; the program holds 1 to 31"):
+        generate(program, [5] * 32, 4)
+
+
+def test_top_p_keeps_the_smallest_likely_set():
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25], dtype=torch.float64)
+    assert torch.allclose(top_p_filter(probs, 0.7), torch.tensor([0, 0.5, 0, 0.25], dtype=torch.float64) / 0.75)
+    assert torch.allclose(top_p_filter(probs, 1e-9), torch.tensor([0, 1.0, 0, 0], dtype=torch.float64))
+    assert torch.allclose(top_p_filter(probs, 1.0), probs)
+
+
+def test_sampling_follows_the_distribution_and_greedy_is_argmax():
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    assert next_token(logits, Sampling(), torch.Generator()) == 2
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([next_token(logits, Sampling(temperature=1.0), gen) for _ in range(4000)]), minlength=3)
+    assert torch.allclose(counts / 4000, torch.softmax(logits.double(), 0).float(), atol=0.03)
+    only_top = {next_token(logits, Sampling(temperature=1.0, top_p=0.5), gen) for _ in range(200)}
+    assert only_top == {2}
+
+
+def test_cli_runs_in_a_fresh_process_and_streams_the_greedy_text(program_dir):
+    """Only the runner imported: every kernel the program needs must come with it."""
+    cmd = [sys.executable, "-m", "runner.generate", "--pte", str(program_dir / "model.pte"), "--prompt", PROMPT, "--max-new-tokens", "6"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(program_dir)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    expected = tokenizer.decode(generate(PteProgram(program_dir / "model.pte"), ids, 6)[0], skip_special_tokens=True)
+    assert done.stdout == expected + "\n"
+    assert "decode" in done.stderr and "tokens/s" in done.stderr
+
+
+def test_executorch_llm_runner_gives_the_same_greedy_text(program_dir):
+    """ExecuTorch's own TextLLMRunner (what the Android/iOS demo apps run) reads our metadata and signature."""
+    from executorch.extension.llm.runner import _llm_runner
+
+    load_runtime_kernels()
+    runner = _llm_runner.TextLLMRunner(str(program_dir / "model.pte"), str(program_dir / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate(PROMPT, _llm_runner.GenerationConfig(echo=False, max_new_tokens=6, temperature=0.0), token_callback=pieces.append)
+    tokenizer = AutoTokenizer.from_pretrained(program_dir)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    ours = tokenizer.decode(generate(PteProgram(program_dir / "model.pte"), ids, 6)[0])
+    assert "".join(pieces) == ours
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature -1.0 must be at least 0"),
+        (["--chat"], "--chat: this tokenizer has no chat template"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(program_dir, argv, message):
+    cmd = [sys.executable, "-m", "runner.generate", "--pte", str(program_dir / "model.pte"), "--prompt", "hi", *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]  # lines before it are the libraries' import-time notices
+    assert done.returncode == 2 and last.startswith("runner.generate: error: ") and message in last
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_program_is_refused(tmp_path):
+    with pytest.raises(UserError, match="program not found"):
+        main(["--pte", str(tmp_path / "nope.pte"), "--prompt", "hi"])

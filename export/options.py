@@ -19,7 +19,8 @@ GROUP_SIZES = (32, 64, 128, 256)
 LEARNED_ROTATIONS = {"smollm2-135m": Path(__file__).resolve().parents[1] / "results" / "rotations" / "smollm2_w4a8.pt"}
 DTYPES = ("fp32",)
 # Measured with executorch 1.5.1: XNNPACK lowers torchao's weight-only linears (int4 and int8)
-# to programs whose logits are off by more than the logits themselves. Refused until fixed.
+# to programs whose logits are off by more than the logits themselves, and left outside XNNPACK
+# they need torchao::dequantize_affine, which has no ExecuTorch kernel. Refused until fixed.
 BROKEN_LINEAR_SCHEMES = ("4w", "8w")
 
 
@@ -48,7 +49,7 @@ class ExportOptions:
         for flag, scheme in (("qlinear", self.qlinear), ("lm-head", self.lm_head)):
             if scheme in BROKEN_LINEAR_SCHEMES:
                 raise UserError(
-                    f"--{flag} {scheme}: weight-only linears are miscomputed by ExecuTorch 1.5.1's XNNPACK lowering; "
+                    f"--{flag} {scheme}: ExecuTorch 1.5.1 cannot run torchao's weight-only linears correctly; "
                     "use 8da4w or 8da8w"
                 )
         if self.group_size not in GROUP_SIZES:

@@ -10,7 +10,7 @@ from export.quantize import linear_config
 from spinquant.errors import UserError
 from spinquant.eval import main as eval_main
 from spinquant.eval import text_sha256
-from spinquant.gptq import GPTQConfig, GPTQResult, gptq_model, gptq_quantize, upper_cholesky_of_inverse
+from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, run_layer, upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config
 from spinquant.quant import fake_quantize
 from spinquant.rotation import apply_rotations, rotations_for
@@ -168,3 +168,14 @@ def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
 def test_eval_refuses_what_gptq_cannot_do(tiny_hf_dir, extra, message):
     with pytest.raises(UserError, match=message):
         eval_main(["--model", str(tiny_hf_dir), "--quant", "w4a8", "--w-gptq", *extra])
+
+
+def test_layer_by_layer_forward_is_the_model_forward():
+    model = tiny_rotated_model()
+    windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = first_layer_inputs(model, windows, torch.device("cpu"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            inputs = run_layer(layer, inputs, kwargs, torch.device("cpu"))
+        expected = model.model(windows, use_cache=False).last_hidden_state
+    assert torch.allclose(model.model.norm(torch.cat(inputs)), expected, atol=1e-5)

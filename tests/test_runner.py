@@ -10,6 +10,7 @@ from export.to_pte import run
 from runner.generate import Sampling, generate, main, next_token, top_p_filter
 from runner.pte import PteProgram, load_runtime_kernels
 from spinquant.errors import UserError
+from spinquant.models import load_model
 
 PROMPT = "Robert Boulter is an English"
 
@@ -111,3 +112,31 @@ def test_bad_input_is_a_one_line_error(program_dir, argv, message):
 def test_missing_program_is_refused(tmp_path):
     with pytest.raises(UserError, match="program not found"):
         main(["--pte", str(tmp_path / "nope.pte"), "--prompt", "hi"])
+
+
+def test_compare_separates_quantization_from_export_error(program_dir, tiny_hf_dir, tmp_path):
+    from runner.compare import main as compare_main
+    from spinquant.eval import perplexity, perplexity_of, token_windows
+
+    out = tmp_path / "cmp"
+    text = tiny_hf_dir.parent / "text.txt"
+    result = compare_main(["--pte", str(program_dir / "model.pte"), "--text", str(text), "--seqlen", "16", "--max-windows", "3", "--output", str(out)])
+    loaded = load_model(str(tiny_hf_dir))
+    windows = token_windows(loaded.tokenizer, text.read_text(), 16, 3)
+    program = PteProgram(program_dir / "model.pte")
+    assert result["perplexity"]["pte"] == pytest.approx(perplexity_of(program.prefill_logits, windows, progress=False), rel=1e-6)
+    assert result["perplexity"]["hf_fp32"] == pytest.approx(perplexity(loaded.model, windows, progress=False), rel=1e-6)
+    assert result["mean_kl_pte_vs_eager"] < 1e-6  # the tiny program matches its eager model to 1e-3
+    assert result["mean_kl_vs_hf_fp32"]["pte"] == pytest.approx(result["mean_kl_vs_hf_fp32"]["eager_quantized"], abs=1e-5)
+    assert result["mean_kl_vs_hf_fp32"]["pte"] > 0 and len(result["kl_by_position"]["pte"]) == 16
+    for suffix in (".md", ".json", ".png"):
+        assert out.with_suffix(suffix).stat().st_size > 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_needs_the_export_report(program_dir, tmp_path):
+    from runner.compare import main as compare_main
+
+    (tmp_path / "model.pte").write_bytes((program_dir / "model.pte").read_bytes())
+    with pytest.raises(UserError, match="no export_report.json beside"):
+        compare_main(["--pte", str(tmp_path / "model.pte")])

@@ -140,3 +140,27 @@ def test_compare_needs_the_export_report(program_dir, tmp_path):
     (tmp_path / "model.pte").write_bytes((program_dir / "model.pte").read_bytes())
     with pytest.raises(UserError, match="no export_report.json beside"):
         compare_main(["--pte", str(tmp_path / "model.pte")])
+
+
+def test_activation_maxima_are_taken_where_quantization_sees_them(tiny_hf_dir, tmp_path):
+    from runner.activations import SITES, channel_max, main as activations_main
+    from spinquant.hadamard import hadamard_matrix
+    from spinquant.rotation import apply_rotations, rotations_for
+
+    model = load_model(str(tiny_hf_dir)).model.requires_grad_(False)
+    ids = torch.tensor([[5, 17, 33, 2, 60, 7]])
+    found = channel_max(model, ids)
+    assert torch.equal(found[0][SITES[0]], model.model.embed_tokens(ids)[0].abs().amax(0))
+    mlp_inputs = {}
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: mlp_inputs.setdefault("x", a[0]))
+    rotated = apply_rotations(model, rotations_for("r4", model.config))
+    after = channel_max(rotated, ids)
+    mlp = rotated.model.layers[1].mlp
+    x = mlp.act_fn(mlp.gate_proj(mlp_inputs["x"])) * mlp.up_proj(mlp_inputs["x"])
+    h = hadamard_matrix(x.shape[-1]).to(x.dtype)
+    assert torch.allclose(after[1][SITES[1]], (x @ h)[0].abs().amax(0), atol=1e-5)
+    out = tmp_path / "act.png"
+    activations_main(["--model", str(tiny_hf_dir), "--rotation", "hadamard", "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "32", "--output", str(out)])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(UserError, match="--layer 9: the model has layers 0 to 1"):
+        activations_main(["--model", str(tiny_hf_dir), "--layer", "9", "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "32", "--output", str(out)])

@@ -28,6 +28,7 @@ from spinquant.files import write_atomic, write_json_atomic
 from spinquant.quant import setting
 
 ROTATIONS = ("none", "r4", "hadamard", "learned")
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 def rotation_spec(model: str, rotation: str) -> str:
@@ -98,6 +99,16 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_fake_quant() -> dict[str, float]:
+    """The foundation's and the learned-rotation table's W4A8 numbers for the same windows, measured on an H200."""
+    found = {}
+    for path, key in ((RESULTS / "ppl_smollm2.json", "w4a8/{}"), (RESULTS / "learned_rotation_smollm2.json", "w4a8/{}")):
+        if path.is_file():
+            rows = json.loads(path.read_text())["rows"]
+            found.update({r: rows[key.format(r)]["perplexity"] for r in ROTATIONS if key.format(r) in rows})
+    return found
+
+
 def findings(rows: dict) -> list[str]:
     """The issue's bars, stated as measured."""
     out = []
@@ -105,6 +116,11 @@ def findings(rows: dict) -> list[str]:
         gap = r["pte_perplexity"] / r["fake_quant_perplexity"] - 1
         verdict = "within" if abs(gap) <= 0.01 else "NOT within"
         out.append(f"{rotation}: the .pte's perplexity {r['pte_perplexity']:.2f} is {verdict} 1% of fake-quant {r['fake_quant_perplexity']:.2f} ({gap:+.2%}).")
+    for rotation, gpu in gpu_fake_quant().items():
+        if rotation in rows:
+            here = rows[rotation]["fake_quant_perplexity"]
+            out.append(f"{rotation}: the same fake-quant W4A8 on the H200 gave {gpu:.2f} against {here:.2f} on this CPU ({here / gpu - 1:+.2%}): "
+                       "the same code on another device (and torch version) moves this model's quantized perplexity by that much.")
     if "r4" in rows and "none" in rows:
         r4, none = rows["r4"]["pte_perplexity"], rows["none"]["pte_perplexity"]
         out.append(f"r4 .pte {r4:.2f} against unrotated .pte {none:.2f}: r4 is {'no worse' if r4 <= none else 'WORSE'}.")
@@ -130,13 +146,12 @@ def main() -> None:
     results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
     results.update(text=os.path.relpath(args.text), text_sha256=text_sha256(text), max_windows=args.max_windows,
                    environment=environment_line(), environment_detail=describe_environment())
+    command = ("python scripts/export_table.py " + " ".join(sys.argv[1:])).strip()
     for rotation in args.rotations:
-        if rotation in results["rows"]:
-            continue
-        results["rows"][rotation] = measure(args.model, rotation, args.work_dir / rotation, text, args.max_windows)
-        write_json_atomic(json_path, results)
-        command = "python scripts/export_table.py " + " ".join(sys.argv[1:])
-        write_atomic(args.output.with_suffix(".md"), markdown(results, command.strip()).encode())
+        if rotation not in results["rows"]:
+            results["rows"][rotation] = measure(args.model, rotation, args.work_dir / rotation, text, args.max_windows)
+            write_json_atomic(json_path, results)
+        write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())
 
 
 if __name__ == "__main__":

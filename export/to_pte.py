@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
 def save_tokenizer(tokenizer, out: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         tokenizer.save_pretrained(tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (Path(tmp) / name).exists():
                 os.replace(Path(tmp) / name, out / name)
 

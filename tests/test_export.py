@@ -151,3 +151,16 @@ def test_default_rotation_is_the_learned_one_for_the_demo_model_and_r4_elsewhere
     assert LEARNED_ROTATIONS["smollm2-135m"].is_file()
     assert ExportOptions(model=str(tiny_hf_dir)).check().rotation == "r4"
     assert ExportOptions(rotation="none").check().rotation == "none"
+
+
+def test_saved_tokenizer_keeps_the_chat_template(tiny_hf_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from export.to_pte import save_tokenizer
+
+    tokenizer = load_model(str(tiny_hf_dir)).tokenizer
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    save_tokenizer(tokenizer, tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.chat_template == tokenizer.chat_template
+    assert reloaded("Robert Boulter")["input_ids"] == tokenizer("Robert Boulter")["input_ids"]

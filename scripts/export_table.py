@@ -88,9 +88,11 @@ def markdown(results: dict, command: str) -> str:
             f"{r['verify']['mean_kl']:.3g}, {r['verify']['top1_agreement']:.0%} | {r['pte_perplexity']:.2f} | {fq:.2f} | {r['pte_perplexity'] / fq - 1:+.2%} | "
             f"{r['completion'].strip()!r} |"
         )
-    lines += ["", "`learned` is `" + results["rows"].get("learned", {}).get("rotation", "results/rotations/smollm2_w4a8.pt") + "`, "
+    learned = results["rows"].get("learned", {}).get("rotation", "results/rotations/smollm2_w4a8.pt")
+    lines += ["", "`learned` is `" + os.path.relpath(learned) + "`, "
               "the rotation learned for W4A8 (results/learned_rotation_smollm2.md), the default of `python -m export.to_pte` for this model."]
-    lines += ["", "Where the export time goes (seconds per stage, from each export's report):", ""]
+    lines += ["", "Where the export time goes (seconds per stage, from each export's report; wall-clock, so other jobs "
+              "sharing the 2 cores lengthen them):", ""]
     stages = list(next(iter(results["rows"].values()))["stage_seconds"]) if results["rows"] else []
     lines += ["| rotation | " + " | ".join(stages) + " | wall incl. process start |", "|---" * (len(stages) + 2) + "|"]
     for rotation, r in ((k, results["rows"][k]) for k in ROTATIONS if k in results["rows"]):

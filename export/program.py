@@ -5,6 +5,7 @@ cache_position[T]) -> logits (see export/exportable_llama.py).
 """
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -78,7 +79,7 @@ def linear_partitioner() -> XnnpackPartitioner:
 
 
 @contextmanager
-def quiet_logger(name: str):
+def quiet_logger(name: str) -> Iterator[None]:
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -13,6 +13,8 @@ from transformers import LlamaForCausalLM
 
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers torch.ops.llama.*)
 
+from spinquant.rotation import head_dim
+
 
 class CachedAttention(nn.Module):
     """One layer's attention over a static cache laid out (1, max_seq_len, kv_heads, head_dim)."""
@@ -48,7 +50,7 @@ class ExportableLlama(nn.Module):
     def __init__(self, model: LlamaForCausalLM, max_seq_len: int):
         super().__init__()
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head = head_dim(config)
         self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
         self.rotary_emb = model.model.rotary_emb
         self.max_seq_len = max_seq_len
@@ -56,7 +58,7 @@ class ExportableLlama(nn.Module):
         self.post_attention_norms = nn.ModuleList(layer.post_attention_layernorm for layer in model.model.layers)
         self.mlps = nn.ModuleList(layer.mlp for layer in model.model.layers)
         self.attentions = nn.ModuleList(
-            CachedAttention(layer.self_attn, config.num_attention_heads, config.num_key_value_heads, head_dim, max_seq_len)
+            CachedAttention(layer.self_attn, config.num_attention_heads, config.num_key_value_heads, head, max_seq_len)
             for layer in model.model.layers
         )
 

@@ -17,14 +17,9 @@ from export.options import default_rotation
 from spinquant.errors import UserError, one_line_errors
 from spinquant.eval import DEFAULT_TEXT, read_text, token_windows
 from spinquant.models import load_model
-from spinquant.rotation import OnlineHadamardLinear, apply_rotations, rotations_for
+from spinquant.rotation import apply_rotations, quantized_input_linear, rotations_for
 
 SITES = ("residual stream into the layer", "down_proj input")
-
-
-def down_proj_reader(mlp) -> torch.nn.Linear:
-    """The linear whose input is quantized: inside the online Hadamard when there is one."""
-    return mlp.down_proj.linear if isinstance(mlp.down_proj, OnlineHadamardLinear) else mlp.down_proj
 
 
 @torch.no_grad()
@@ -33,7 +28,7 @@ def channel_max(model, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     found: list[dict[str, torch.Tensor]] = [{} for _ in model.model.layers]
     hooks = []
     for i, layer in enumerate(model.model.layers):
-        for site, module in zip(SITES, (layer, down_proj_reader(layer.mlp))):
+        for site, module in zip(SITES, (layer, quantized_input_linear(layer.mlp.down_proj))):
             def record(mod, args, i=i, site=site):
                 found[i][site] = args[0].abs().flatten(0, -2).amax(0).float()
             hooks.append(module.register_forward_pre_hook(record))

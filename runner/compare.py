@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"program not found: {args.pte}")
     options = export_options(args.pte)
     program = PteProgram(args.pte)
-    if args.seqlen > program.metadata()["get_max_seq_len"]:
-        raise UserError(f"--seqlen {args.seqlen} is longer than the program's KV cache of {program.metadata()['get_max_seq_len']}")
+    cache_len = program.metadata()["get_max_seq_len"]
+    if args.seqlen > cache_len:
+        raise UserError(f"--seqlen {args.seqlen} is longer than the program's KV cache of {cache_len}")
     loaded = load_model(options["model"])
     fp_model = loaded.model.requires_grad_(False)
     quantized = eager_quantized(fp_model, options)

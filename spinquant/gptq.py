@@ -30,7 +30,7 @@ from spinquant.errors import UserError
 from spinquant.eval import text_sha256, token_windows
 from spinquant.files import write_atomic
 from spinquant.quant import CLIP_GRID, _qrange, _scale_and_zero
-from spinquant.rotation import OnlineHadamardLinear
+from spinquant.rotation import quantized_input_linear
 
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # SpinQuant's "true sequential" order: a group's Hessian sees the groups before it quantized.
@@ -233,8 +233,7 @@ def first_layer_inputs(model: LlamaForCausalLM, windows: torch.Tensor, device: t
 
 
 def inner_linear(layer: nn.Module, name: str) -> nn.Linear:
-    module = layer.get_submodule(name)
-    return module.linear if isinstance(module, OnlineHadamardLinear) else module  # R4: its input is transformed
+    return quantized_input_linear(layer.get_submodule(name))
 
 
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device) -> list[torch.Tensor]:

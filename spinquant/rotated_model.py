@@ -16,7 +16,7 @@ from spinquant import hadamard
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
 from spinquant.quant import QuantConfig, check_groups, fake_quantize, quantize_weight
-from spinquant.rotation import Rotations, _head_dim, fuse_all_rmsnorms, rotate_input_side, untie_embeddings
+from spinquant.rotation import Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, untie_embeddings
 
 
 def ste_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0):
@@ -61,7 +61,7 @@ class RotatedLlama(nn.Module):
         _refuse_biases(model)
         check_groups(model, qc)
         hadamard.factor_size(model.config.intermediate_size)  # R4 needs it: refuse before any work
-        self.qc, self.dtype, self.head_dim = qc, dtype, _head_dim(model.config)
+        self.qc, self.dtype, self.head_dim = qc, dtype, head_dim(model.config)
         exact = _exact_dtype(dtype)
         self.r1 = nn.Parameter(init.r1.to(exact))
         self.r2 = nn.ParameterList(nn.Parameter(r.to(exact)) for r in init.r2)
@@ -159,8 +159,8 @@ def _use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig) -> None:
     """K/V fake quantization after RoPE, with the online R3 Hadamard on q/k, as the evaluation does."""
     if not qc.quantizes_kv:
         return
-    hadamard.factor_size(_head_dim(model.config))
-    group = min(qc.kv_group, _head_dim(model.config))
+    hadamard.factor_size(head_dim(model.config))
+    group = min(qc.kv_group, head_dim(model.config))
     for layer in model.model.layers:
         attn = layer.self_attn
         attn.online_r3 = True

@@ -52,7 +52,7 @@ def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = Fals
     if spec == "r4":
         return Rotations(r4=True)  # torchao's default: R4 alone
     gen = torch.Generator().manual_seed(seed)
-    head_dim = _head_dim(config)
+    head = head_dim(config)
     if spec == "hadamard":
         draw = hadamard.random_hadamard_matrix
     elif spec == "orthogonal":
@@ -62,7 +62,7 @@ def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = Fals
     else:
         raise UserError(f"unknown rotation '{spec}': use one of {', '.join(PRESETS)} or a rotation file")
     r1 = draw(config.hidden_size, gen)
-    r2 = [draw(head_dim, gen) for _ in range(config.num_hidden_layers)]
+    r2 = [draw(head, gen) for _ in range(config.num_hidden_layers)]
     return Rotations(r1=r1, r2=r2, r4=True, r3=r3)
 
 
@@ -71,10 +71,10 @@ def load_rotation_file(path: Path, config: LlamaConfig, r3: bool = False) -> Rot
     if not path.is_file():
         raise UserError(f"rotation file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    hidden, head_dim = config.hidden_size, _head_dim(config)
+    hidden, head = config.hidden_size, head_dim(config)
     r1 = _checked_rotation(state, "R1", hidden, path)
     r2 = [
-        _checked_rotation(state, f"model.layers.{i}.self_attn.R2", head_dim, path)
+        _checked_rotation(state, f"model.layers.{i}.self_attn.R2", head, path)
         for i in range(config.num_hidden_layers)
     ]
     return Rotations(r1=r1, r2=r2, r4=True, r3=r3)
@@ -91,7 +91,7 @@ def _checked_rotation(state: dict, key: str, n: int, path: Path) -> torch.Tensor
     return r
 
 
-def _head_dim(config: LlamaConfig) -> int:
+def head_dim(config: LlamaConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -120,6 +120,11 @@ def fuse_all_rmsnorms(model: LlamaForCausalLM) -> None:
         fuse_rmsnorm_into_linears(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
         fuse_rmsnorm_into_linears(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
     fuse_rmsnorm_into_linears(model.model.norm, [model.lm_head])
+
+
+def quantized_input_linear(module: nn.Module) -> nn.Linear:
+    """The linear whose input gets quantized: inside an OnlineHadamardLinear, after the transform."""
+    return module.linear if isinstance(module, OnlineHadamardLinear) else module
 
 
 def rotate_input_side(linear: nn.Linear | nn.Embedding, r: torch.Tensor) -> None:
@@ -173,11 +178,11 @@ def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
         fuse_r1(model, rot.r1)
     for i, layer in enumerate(model.model.layers):
         if rot.r2 is not None:
-            fuse_r2(layer.self_attn, rot.r2[i], _head_dim(config))
+            fuse_r2(layer.self_attn, rot.r2[i], head_dim(config))
         if rot.r4:
             fuse_r4(layer.mlp)
         layer.self_attn.online_r3 = rot.r3
     if rot.r3:
-        hadamard.factor_size(_head_dim(config))
+        hadamard.factor_size(head_dim(config))
         use_spinquant_attention(model)
     return model

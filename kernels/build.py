@@ -42,7 +42,7 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _cmake() -> str:
+def find_cmake(what: str = "the spinquant kernels") -> str:
     """The cmake binary: the PyPI package's first, as it is the one pyproject pins."""
     try:
         import cmake
@@ -51,48 +51,64 @@ def _cmake() -> str:
     except ImportError:
         binary = shutil.which("cmake")
     if binary is None:
-        raise UserError("building the spinquant kernels needs cmake: pip install 'cmake>=3.28'")
+        raise UserError(f"building {what} needs cmake: pip install 'cmake>=3.28'")
     version = re.search(r"(\d+)\.(\d+)", subprocess.run([binary, "--version"], capture_output=True, text=True).stdout)
     if version is None or tuple(map(int, version.groups())) < MIN_CMAKE:
         found = version.group(0) if version else "of unknown version"
-        raise UserError(f"cmake {found} at {binary} is too old for the spinquant kernels: pip install 'cmake>=3.28'")
+        raise UserError(f"cmake {found} at {binary} is too old for {what}: pip install 'cmake>=3.28'")
     return binary
 
 
-def _run(step: str, command: list[str], log: Path) -> None:
+def run_step(step: str, command: list[str], log: Path, what: str = "the spinquant kernels") -> None:
+    """One build command, its output appended to `log`; a failure is one line naming the log."""
     with log.open("a") as f:
         result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         text = log.read_text()
         if re.search("No CMAKE_CXX_COMPILER could be found|CMAKE_CXX_COMPILER not set|Could not find the compiler", text):
             raise UserError(
-                "building the spinquant kernels needs a C++17 compiler: install g++ or clang "
+                f"building {what} needs a C++17 compiler: install g++ or clang "
                 "(apt-get install g++), or point CXX at one"
             )
-        raise UserError(f"building the spinquant kernels failed at {step}; see {log}")
+        reason = re.search(r"CMake Error[^\n]*:\n((?:.+\n?)+)", text)  # configure's own message, if any
+        said = ": " + " ".join(reason.group(1).split("Call Stack")[0].split()) if reason else ""
+        raise UserError(f"building {what} failed at {step}{said}; see {log}")
 
 
-def build_dir() -> Path:
-    """The build directory holding the library, test_hadamard and bench_hadamard; built if missing."""
-    target = BUILD_ROOT / source_hash()
-    if (target / LIBRARY).exists():
+def cmake_build_once(what: str, source: Path, build_root: Path, key: str, product: str, options: list[str]) -> Path:
+    """build_root/<key>/, holding `product` built by CMake from `source`; built when missing.
+
+    The build runs in a temporary directory renamed into place, so a concurrent or interrupted build
+    never leaves a half-built directory under the key; builds of earlier keys are removed."""
+    target = build_root / key
+    if (target / product).exists():
         return target
-    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
-    print(f"spinquant kernels: building {target} (once per source change)", file=sys.stderr)
-    cmake = _cmake()
-    staging = Path(tempfile.mkdtemp(dir=BUILD_ROOT, prefix="tmp-"))
+    build_root.mkdir(parents=True, exist_ok=True)
+    print(f"{what}: building {target} (once per source change)", file=sys.stderr)
+    cmake = find_cmake(what)
+    staging = Path(tempfile.mkdtemp(dir=build_root, prefix="tmp-"))
     log = staging / "build.log"
-    prefix = _executorch_root() / "share" / "cmake"
-    _run("configure", [cmake, "-S", str(SOURCE_DIR), "-B", str(staging), f"-DCMAKE_PREFIX_PATH={prefix}"], log)
-    _run("compile", [cmake, "--build", str(staging), "-j", str(os.cpu_count() or 1)], log)
+    run_step("configure", [cmake, "-S", str(source), "-B", str(staging), *options], log, what)
+    run_step("compile", [cmake, "--build", str(staging), "-j", str(os.cpu_count() or 1)], log, what)
     try:
         staging.rename(target)  # atomic: a concurrent build of the same sources may have won
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in BUILD_ROOT.glob("?" * len(target.name)):  # builds of earlier sources
+    for old in build_root.glob("?" * len(key)):  # builds of earlier sources
         if old != target and re.fullmatch("[0-9a-f]+", old.name):
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def executorch_cmake_prefix() -> Path:
+    """Where find_package(executorch CONFIG) finds the wheel's CMake package."""
+    return _executorch_root() / "share" / "cmake"
+
+
+def build_dir() -> Path:
+    """The build directory holding the library, test_hadamard and bench_hadamard; built if missing."""
+    options = [f"-DCMAKE_PREFIX_PATH={executorch_cmake_prefix()}"]
+    return cmake_build_once("the spinquant kernels", SOURCE_DIR, BUILD_ROOT, source_hash(), LIBRARY, options)
 
 
 def build_library() -> Path:

@@ -127,9 +127,9 @@ def test_generated_table_header_is_current():
 def test_missing_compiler_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     log = tmp_path / "build.log"
-    command = [kernels.build._cmake(), "-S", str(kernels.build.SOURCE_DIR), "-B", str(tmp_path / "b")]
+    command = [kernels.build.find_cmake(), "-S", str(kernels.build.SOURCE_DIR), "-B", str(tmp_path / "b")]
     with pytest.raises(UserError, match="needs a C\\+\\+17 compiler"):
-        kernels.build._run("configure", command, log)
+        kernels.build.run_step("configure", command, log)
 
 
 # ---- the C++ kernel inside ExecuTorch programs ----

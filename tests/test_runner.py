@@ -93,6 +93,58 @@ def test_executorch_llm_runner_gives_the_same_greedy_text(program_dir):
     assert "".join(pieces) == ours
 
 
+@pytest.fixture(scope="module")
+def cpp_runner():
+    """The C++ runner, built once per source version (runner/cpp/build/<hash>/)."""
+    from runner.cpp_build import runner_executable
+
+    return runner_executable()
+
+
+def run_cpp(cpp_runner, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(cpp_runner), *argv], capture_output=True, text=True, timeout=120)
+
+
+def cpp_generated_ids(stderr: str) -> list[int]:
+    line = next(line for line in stderr.splitlines() if line.startswith("generated ids: "))
+    return [int(t) for t in line.removeprefix("generated ids: ").split(",") if t]
+
+
+def test_cpp_runner_greedy_ids_equal_the_python_runner(program_dir, cpp_runner):
+    ids = AutoTokenizer.from_pretrained(program_dir)(PROMPT, add_special_tokens=False)["input_ids"]
+    done = run_cpp(cpp_runner, "--pte", str(program_dir / "model.pte"), "--ids", ",".join(map(str, ids)), "--max-new-tokens", "8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, _ = generate(PteProgram(program_dir / "model.pte"), ids, 8)
+    assert expected  # else the comparison says nothing
+    assert done.stdout == ",".join(map(str, expected)) + "\n"
+    assert cpp_generated_ids(done.stderr) == expected
+    assert "prefill" in done.stderr and "decode" in done.stderr and "tokens/s" in done.stderr
+
+
+def test_cpp_runner_text_through_pytorch_tokenizers_equals_the_python_runner(program_dir, cpp_runner):
+    done = run_cpp(cpp_runner, "--pte", str(program_dir / "model.pte"), "--prompt", PROMPT, "--max-new-tokens", "6")
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(program_dir)
+    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    expected, _ = generate(PteProgram(program_dir / "model.pte"), ids, 6)
+    assert cpp_generated_ids(done.stderr) == expected
+    assert done.stdout == tokenizer.decode(expected) + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--ids", ",".join(["5"] * 32)], "the prompt has 32 tokens; the program holds 1 to 31"),
+        (["--ids", "1,x"], "--ids x: not an integer"),
+        (["--ids", "1", "--prompt", "hi"], "give exactly one of --ids and --prompt"),
+        (["--prompt", "hi", "--tokenizer", "/no/tokenizer.json"], "tokenizer not found: /no/tokenizer.json"),
+    ],
+)
+def test_cpp_runner_bad_input_is_a_one_line_error(program_dir, cpp_runner, argv, message):
+    done = run_cpp(cpp_runner, "--pte", str(program_dir / "model.pte"), *argv)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1] == f"spinquant_runner: error: {message}"
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k-bits", type=int)
     p.add_argument("--v-bits", type=int)
     p.add_argument("--kv-group", type=int)
-    p.add_argument("--quantize-lm-head", action="store_true")
+    p.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized as the decoder's linears")
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
@@ -182,9 +182,10 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_clip=args.a_clip,
         k_bits=args.k_bits, v_bits=args.v_bits, kv_group=args.kv_group,
         w_sym=False if args.w_asym else None, w_clip_search=args.w_clip_search or None,
-        a_sym=args.a_sym or None, lm_head=args.quantize_lm_head or None,
+        a_sym=args.a_sym or None,
     )
-    return setting(args.quant, **{k: v for k, v in values.items() if v is not None})
+    qc = setting(args.quant, **{k: v for k, v in values.items() if v is not None})
+    return dataclasses.replace(qc, lm_head_bits=qc.w_bits, lm_head_group=qc.w_group) if args.quantize_lm_head else qc
 
 
 def main(argv: list[str] | None = None) -> dict:

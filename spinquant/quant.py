@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
+from spinquant.rotation import untie_embeddings
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
 
@@ -35,11 +36,18 @@ class QuantConfig:
     v_bits: int = 16
     kv_group: int = 64
     kv_sym: bool = False
-    lm_head: bool = False  # quantize lm_head's weight and input too
+    w_scale_dtype: str = "fp32"  # of group-wise weight scales; "bf16" as the export stores them (per-channel stay fp32)
+    lm_head_bits: int = 16  # lm_head's weight, symmetric in groups of lm_head_group; its input at a_bits
+    lm_head_group: int = 0
+    embedding_bits: int = 16  # symmetric, one scale per row (the export's 8-bit embedding)
 
     @property
     def quantizes_kv(self) -> bool:
         return self.k_bits < 16 or self.v_bits < 16
+
+    @property
+    def lm_head(self) -> bool:
+        return self.lm_head_bits < 16
 
 
 SETTINGS = {
@@ -49,6 +57,8 @@ SETTINGS = {
     "w8a8": QuantConfig(w_bits=8, w_group=0, a_bits=8),
     "w4a4": QuantConfig(w_bits=4, a_bits=4),
     "w4a4kv4": QuantConfig(w_bits=4, a_bits=4, k_bits=4, v_bits=4),
+    # What `python -m export.to_pte` writes by default: 8da4w g32 with bf16 scales, 8da8w lm_head, 8-bit embedding.
+    "w4a8-export": QuantConfig(w_bits=4, a_bits=8, w_scale_dtype="bf16", lm_head_bits=8, embedding_bits=8),
 }
 
 
@@ -82,11 +92,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def _quant_dequant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False) -> torch.Tensor:
+def _quant_dequant(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, ste: bool = False, scale_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     qmin, qmax = _qrange(bits)
     rounded = round_ste if ste else torch.round
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype)  # the reciprocal below is then taken in that dtype, as torchao's quantize_affine does
     q = torch.clamp(rounded(x * (1.0 / scale)) + zero, qmin, qmax)
-    return (q - zero) * scale
+    return (q - zero) * scale.to(x.dtype)
 
 
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -98,7 +112,8 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def fake_quantize(
-    x: torch.Tensor, bits: int, group: int = 0, symmetric: bool = False, clip: float = 1.0, ste: bool = False
+    x: torch.Tensor, bits: int, group: int = 0, symmetric: bool = False, clip: float = 1.0, ste: bool = False,
+    scale_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Quantize-dequantize x in groups of `group` along its last dimension (0 = whole rows).
 
@@ -108,16 +123,18 @@ def fake_quantize(
         return x
     g = _grouped(x, group)
     scale, zero = _scale_and_zero(g, bits, symmetric, clip)
-    return _quant_dequant(g, scale, zero, bits, ste).flatten(-2)
+    return _quant_dequant(g, scale, zero, bits, ste, scale_dtype).flatten(-2)
 
 
-def fake_quantize_weight_mse(w: torch.Tensor, bits: int, group: int, symmetric: bool, ste: bool = False) -> torch.Tensor:
+def fake_quantize_weight_mse(
+    w: torch.Tensor, bits: int, group: int, symmetric: bool, ste: bool = False, scale_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Per group, the clip ratio from CLIP_GRID with the least squared error (a grid search)."""
     g = _grouped(w, group)
     best, best_err = None, None
     for ratio in CLIP_GRID:
         scale, zero = _scale_and_zero(g, bits, symmetric, ratio)
-        dq = _quant_dequant(g, scale, zero, bits, ste)
+        dq = _quant_dequant(g, scale, zero, bits, ste, scale_dtype)
         err = (dq - g).pow(2).sum(-1, keepdim=True)
         if best is None:
             best, best_err = dq, err
@@ -130,9 +147,15 @@ def fake_quantize_weight_mse(w: torch.Tensor, bits: int, group: int, symmetric: 
 def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torch.Tensor:
     if qc.w_bits >= 16:
         return w
+    scale_dtype = torch.bfloat16 if qc.w_scale_dtype == "bf16" and qc.w_group else None
     if qc.w_clip_search:
-        return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste)
-    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym, ste=ste)
+        return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste, scale_dtype)
+    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym, ste=ste, scale_dtype=scale_dtype)
+
+
+def lm_head_config(qc: QuantConfig) -> QuantConfig:
+    """The config lm_head's weight is quantized with: its own bits and group, symmetric, no clip search."""
+    return dataclasses.replace(qc, w_bits=qc.lm_head_bits, w_group=qc.lm_head_group, w_sym=True, w_clip_search=False)
 
 
 def _quantize_input_hook(bits: int, symmetric: bool, clip: float):
@@ -142,9 +165,9 @@ def _quantize_input_hook(bits: int, symmetric: bool, clip: float):
     return hook
 
 
-def quantized_linears(model: LlamaForCausalLM, qc: QuantConfig) -> list[nn.Linear]:
-    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
-    return linears + [model.lm_head] if qc.lm_head else linears
+def quantized_linears(model: LlamaForCausalLM, qc: QuantConfig) -> list[tuple[nn.Linear, QuantConfig]]:
+    linears = [(m, qc) for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
+    return linears + [(model.lm_head, lm_head_config(qc))] if qc.lm_head else linears
 
 
 def check_groups(model: LlamaForCausalLM, qc: QuantConfig) -> None:
@@ -157,9 +180,13 @@ def check_groups(model: LlamaForCausalLM, qc: QuantConfig) -> None:
 def quantize_model(model: LlamaForCausalLM, qc: QuantConfig) -> LlamaForCausalLM:
     """Fake-quantize in place: weights now, activations and K/V on every forward."""
     check_groups(model, qc)
+    if qc.lm_head or qc.embedding_bits < 16:
+        untie_embeddings(model)  # each gets its own quantization
     with torch.no_grad():
-        for linear in quantized_linears(model, qc):
-            linear.weight.data = quantize_weight(linear.weight.data, qc)
+        embedding = model.model.embed_tokens
+        embedding.weight.data = fake_quantize(embedding.weight.data, qc.embedding_bits, 0, symmetric=True)
+        for linear, linear_qc in quantized_linears(model, qc):
+            linear.weight.data = quantize_weight(linear.weight.data, linear_qc)
             if qc.a_bits < 16:
                 linear.register_forward_pre_hook(_quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip))
     if qc.quantizes_kv:

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 from spinquant import hadamard
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
-from spinquant.quant import QuantConfig, check_groups, fake_quantize, quantize_weight
+from spinquant.quant import QuantConfig, check_groups, fake_quantize, lm_head_config, quantize_weight
 from spinquant.rotation import Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, untie_embeddings
 
 
@@ -60,6 +60,8 @@ class RotatedLlama(nn.Module):
         super().__init__()
         _refuse_biases(model)
         check_groups(model, qc)
+        if qc.embedding_bits < 16:
+            raise UserError("rotation learning keeps the embedding in float: use a setting without embedding_bits")
         hadamard.factor_size(model.config.intermediate_size)  # R4 needs it: refuse before any work
         self.qc, self.dtype, self.head_dim = qc, dtype, head_dim(model.config)
         exact = _exact_dtype(dtype)
@@ -106,10 +108,10 @@ class RotatedLlama(nn.Module):
             self._set(attn.o_proj, r1.T @ wo)
             self._set(mlp.down_proj, r1.T @ mlp.down_proj.frozen)
         if self.qc.lm_head:
-            self._set(self.model.lm_head, self.model.lm_head.frozen @ r1)
+            self._set(self.model.lm_head, self.model.lm_head.frozen @ r1, lm_head_config(self.qc))
 
-    def _set(self, linear: FakeQuantLinear, w: torch.Tensor) -> None:
-        linear.rotated_weight = quantize_weight(w, self.qc, ste=True).to(self.dtype)
+    def _set(self, linear: FakeQuantLinear, w: torch.Tensor, qc: QuantConfig | None = None) -> None:
+        linear.rotated_weight = quantize_weight(w, qc or self.qc, ste=True).to(self.dtype)
 
     def _rotate_embedding(self, module, args, output: torch.Tensor) -> torch.Tensor:
         # E[ids] @ R1 costs tokens × hidden², E @ R1 vocab × hidden²: rotate the looked-up rows.

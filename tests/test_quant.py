@@ -94,3 +94,19 @@ def test_group_that_does_not_divide_a_layer_is_refused():
     model = tiny_llama(tiny_llama_config(hidden=96, intermediate=192, heads=3, kv_heads=3), dtype=torch.float32)
     with pytest.raises(UserError, match="group size 64 does not divide .*96 inputs"):
         quantize_model(model, setting("w4a16", w_group=64))
+
+
+def test_export_setting_matches_the_torchao_model_the_export_lowers():
+    """`w4a8-export` fake quantization computes what export/quantize.py's torchao model computes."""
+    from export.quantize import quantize_for_export
+
+    torch.manual_seed(0)
+    model = tiny_llama(tiny_llama_config(), dtype=torch.float32).requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24))
+    fake = quantize_model(copy.deepcopy(model), setting("w4a8-export"))
+    torchao = quantize_for_export(copy.deepcopy(model), "8da4w", "8da8w", "8w", 32)
+    decoder_only = quantize_model(copy.deepcopy(model), setting("w4a8"))
+    with torch.no_grad():
+        expected, ours, other = torchao(ids).logits, fake(ids).logits, decoder_only(ids).logits
+    assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (other - expected).abs().max() > 1e-2 * expected.abs().max()  # the embedding and lm_head settings matter

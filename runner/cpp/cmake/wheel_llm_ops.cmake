@@ -5,6 +5,11 @@
 # libtorch and the wheel's Python extension, and through that libpython's symbols. It links the
 # shared libexecutorch.so, so its kernels land in the runner's one registry. A phone build compiles
 # ExecuTorch's `custom_ops` target from source instead (../README.md) and needs none of this.
+#
+# custom_sdpa calls sgemm_, which both libexecutorch_kernels_optimized.so (ExecuTorch's Eigen BLAS,
+# as on a phone) and libtorch_cpu.so define. The runner links the first directly and libtorch only
+# through this library, so the loader takes ExecuTorch's; the Python runtime takes libtorch's,
+# which can flip a near-tied greedy token (runner/README.md).
 set(SPINQUANT_LLM_OPS_LIBRARY
     "${EXECUTORCH_RUNTIME_LIBRARY_DIR}/../extension/llm/custom_ops/libcustom_ops_aot_lib.so"
     CACHE FILEPATH "The library that registers llama::update_cache.out and llama::custom_sdpa.out"

@@ -121,6 +121,13 @@ def test_cpp_runner_greedy_ids_equal_the_python_runner(program_dir, cpp_runner):
     assert "prefill" in done.stderr and "decode" in done.stderr and "tokens/s" in done.stderr
 
 
+def test_cpp_runner_stops_when_the_cache_is_full(program_dir, cpp_runner):
+    done = run_cpp(cpp_runner, "--pte", str(program_dir / "model.pte"), "--ids", ",".join(["5"] * 30), "--max-new-tokens", "100")
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, _ = generate(PteProgram(program_dir / "model.pte"), [5] * 30, 100)
+    assert cpp_generated_ids(done.stderr) == expected and len(expected) <= 32 - 30
+
+
 def test_cpp_runner_text_through_pytorch_tokenizers_equals_the_python_runner(program_dir, cpp_runner):
     done = run_cpp(cpp_runner, "--pte", str(program_dir / "model.pte"), "--prompt", PROMPT, "--max-new-tokens", "6")
     assert done.returncode == 0, done.stderr[-2000:]

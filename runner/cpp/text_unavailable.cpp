@@ -3,6 +3,7 @@
 
 #include "runner_error.h"
 
+// A complete type for Text's unique_ptr member to destroy; never constructed.
 namespace tokenizers {
 class HFTokenizer {};
 }  // namespace tokenizers

@@ -50,11 +50,10 @@ class CachedAttention(nn.Module):
         self.register_buffer("v_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
-        seq, kv = x.shape[1], self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
-        q = rotate(q.view(1, seq, self.n_heads, self.head_dim), cos, sin)
-        k = rotate(k.view(1, seq, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(1, seq, self.n_kv_heads, self.head_dim)
+        seq, heads, kv_heads = x.shape[1], self.n_heads, self.n_kv_heads
+        qk, v = self.qkv_proj(x).split([(heads + kv_heads) * self.head_dim, kv_heads * self.head_dim], dim=-1)
+        q, k = rotate(qk.view(1, seq, heads + kv_heads, self.head_dim), cos, sin).split([heads, kv_heads], dim=2)
+        v = v.view(1, seq, kv_heads, self.head_dim)
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
         out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, self.scale)
@@ -74,10 +73,27 @@ class FusedMLP(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in Hugging Face's half-split layout; x is (1, seq, heads, head_dim), cos/sin (1, seq, head_dim)."""
+    """RoPE in Hugging Face's half-split layout; x is (1, seq, heads, head_dim), cos/sin (1, seq, 1, head_dim).
+
+    Queries and keys go through it together: one set of graph nodes per layer instead of two.
+    """
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm for a float32 program: without transformers' dtype round trips (four graph
+    nodes per norm), and without the gain where rotation folded it into the next linears (all ones)."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.eps = norm.variance_epsilon
+        self.weight = None if bool((norm.weight == 1).all()) else norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else x * self.weight
 
 
 class ExportableLlama(nn.Module):
@@ -87,11 +103,11 @@ class ExportableLlama(nn.Module):
         super().__init__()
         config = model.config
         head = head_dim(config)
-        self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, model.model.norm, model.lm_head
+        self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, RMSNorm(model.model.norm), model.lm_head
         self.rotary_emb = model.model.rotary_emb
         self.max_seq_len = max_seq_len
-        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in model.model.layers)
-        self.post_attention_norms = nn.ModuleList(layer.post_attention_layernorm for layer in model.model.layers)
+        self.input_norms = nn.ModuleList(RMSNorm(layer.input_layernorm) for layer in model.model.layers)
+        self.post_attention_norms = nn.ModuleList(RMSNorm(layer.post_attention_layernorm) for layer in model.model.layers)
         self.mlps = nn.ModuleList(FusedMLP(layer.mlp) for layer in model.model.layers)
         self.attentions = nn.ModuleList(
             CachedAttention(layer.self_attn, config.num_attention_heads, config.num_key_value_heads, head, max_seq_len)
@@ -103,7 +119,7 @@ class ExportableLlama(nn.Module):
         torch._check(start >= 0)
         torch._check(start + input_ids.shape[1] <= self.max_seq_len)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(x, cache_position.unsqueeze(0))
+        cos, sin = (t.unsqueeze(2) for t in self.rotary_emb(x, cache_position.unsqueeze(0)))
         for attn, mlp, norm1, norm2 in zip(self.attentions, self.mlps, self.input_norms, self.post_attention_norms):
             x = x + attn(norm1(x), cos, sin, start)
             x = x + mlp(norm2(x))

@@ -1,109 +1,291 @@
-"""W4A8 g32 perplexity with round-to-nearest against GPTQ weights, for each rotation, and GPTQ's wall time.
+"""W4A8 g32 perplexity of round-to-nearest against GPTQ variants, for each rotation, and GPTQ's wall time.
 
-    python scripts/gptq_table.py --max-windows 16 --device cuda
+    python scripts/gptq_table.py --device cuda --jobs 8 \
+        --learned learned=results/rotations/smollm2_w4a8.pt --learned learned-w16a8=results/rotations/smollm2_w16a8.pt
 
 Each cell is `spinquant.eval`'s own path (eval.quantized_model): load, rotate, weights by RTN or by
-GPTQ on the calibration text, activations int8 per token (fake quantization), perplexity on the
-first windows of the evaluation text. Writes results/gptq_smollm2.{json,md}.
+GPTQ on the calibration text, then perplexity on the first windows of the evaluation text twice:
+weights only (W4A16), then with int8 per-token activations (W4A8, fake quantization). GPTQ's
+weights do not depend on the evaluation's activations, so the two columns isolate what activation
+quantization does to each method. Cells run in `--jobs` processes (GPTQ's column loop is many small
+kernels: one process leaves the GPU mostly idle). Writes results/gptq_smollm2.{json,md}; the json
+is resumable (cells already in it are kept). `scripts/gptq_pte_table.py` adds the .pte columns.
 """
 
 import argparse
+import dataclasses
+import json
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 from spinquant.environment import environment_line
 from spinquant.eval import DEFAULT_CALIB, DEFAULT_TEXT, GPTQRequest, calibration_hashes, perplexity, quantized_model, read_text, refuse_calibration_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
-from spinquant.quant import setting
+from spinquant.models import load_model
+from spinquant.quant import quantize_model, setting
 
-ROTATIONS = ("none", "hadamard", "learned")
+PRESET_ROTATIONS = ("none", "hadamard")
+DEFAULT_LEARNED = "learned=results/rotations/smollm2_w4a8.pt"
+# Every method names all its GPTQ choices, so a changed GPTQConfig default does not change a column.
+# None: quant.py's round to nearest with float32 scales (the fake-quant tables' RTN).
+PLAIN = dict(act_order=False, clip_search=False, act_bits=16)
+METHODS: dict[str, dict | None] = {
+    "rtn": None,
+    "rtn-bf16": dict(PLAIN, method="rtn"),  # the integers and bf16 scales the RTN .pte holds
+    "rtn-bf16-clip": dict(PLAIN, method="rtn", clip_search=True),
+    "gptq": PLAIN,
+    "gptq-act-order": dict(PLAIN, act_order=True),
+    "gptq-act-order-clip": dict(PLAIN, act_order=True, clip_search=True),
+    "gptq-a8": dict(PLAIN, act_bits=8),
+    "gptq-act-order-a8": dict(PLAIN, act_order=True, act_bits=8),
+    "gptq-clip": dict(PLAIN, clip_search=True),
+}
+FAKE_QUANT = ("w4a16", "w4a8")
 
 
-def measure(args: argparse.Namespace, quant: str, spec: str, gptq: GPTQRequest | None, text: str) -> dict:
+def request_for(method: str, args: argparse.Namespace) -> GPTQRequest | None:
+    choices = METHODS[method]
+    if choices is None:
+        return None
+    return GPTQRequest(GPTQConfig(windows=args.gptq_windows, seqlen=args.seqlen, **choices), args.calib_text)
+
+
+def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> dict:
+    """W4A16 then W4A8 perplexity of one model: the activation quantization is added to the same weights."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
-    loaded, result = quantized_model(args.model, spec, setting(quant), device=args.device, gptq=gptq)
-    ppl = perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows), progress=False)
-    row = dict(perplexity=ppl, seconds=round(time.time() - start, 1))
+    spec = rotation_specs(args)[rotation]
+    loaded, result = quantized_model(args.model, spec, setting("w4a16"), device=args.device, gptq=request_for(method, args))
+    windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows)
+    row = {"w4a16": perplexity(loaded.model, windows, progress=False)}
+    quantize_model(loaded.model, setting("w4a8", w_bits=16))  # activations only: the weights are already quantized
+    row["w4a8"] = perplexity(loaded.model, windows, progress=False)
+    row["seconds"] = round(time.time() - start, 1)
     if result is not None:
         row["gptq"] = result.describe()
+        if args.save_gptq:
+            result.save(args.save_gptq / f"{rotation}_{method}.pt")
     return row
 
 
-def measure_all(args: argparse.Namespace, text: str) -> dict:
-    methods = {"rtn": None, "gptq": GPTQRequest(GPTQConfig(windows=args.gptq_windows, seqlen=args.seqlen), args.calib_text)}
-    if args.act_order:
-        methods["gptq-act-order"] = GPTQRequest(GPTQConfig(windows=args.gptq_windows, seqlen=args.seqlen, act_order=True), args.calib_text)
-    rows = {"fp": measure(args, "fp", "none", None, text)}
-    for method, request in methods.items():  # act order last: an interrupted run still has the main columns
-        for rotation in args.rotations:
-            spec = args.learned if rotation == "learned" else rotation
-            rows[f"{rotation}/{method}"] = measure(args, args.quant, spec, request, text)
-            print(f"{rotation}/{method}: {rows[f'{rotation}/{method}']['perplexity']:.3f}", file=sys.stderr, flush=True)
-            write_json_atomic(args.output.with_suffix(".partial.json"), rows)
+def measure_fp(args: argparse.Namespace, text: str) -> dict:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
+    loaded, _ = quantized_model(args.model, "none", setting("fp"), device=args.device)
+    return {"fp": perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows), progress=False)}
+
+
+def rotation_specs(args: argparse.Namespace) -> dict[str, str]:
+    learned = dict(pair.partition("=")[::2] for pair in args.learned)
+    return {**{r: r for r in PRESET_ROTATIONS}, **learned}
+
+
+def measure_all(args: argparse.Namespace, text: str, rows: dict, save: callable) -> dict:
+    """Every missing cell, RTN first (cheap), in parallel processes; `rows` is saved after each."""
+    cells = [(rotation, method) for method in args.methods for rotation in args.rotations if f"{rotation}/{method}" not in rows]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(measure, args, r, m, text): f"{r}/{m}" for r, m in cells}
+        if "fp" not in rows:
+            futures[pool.submit(measure_fp, args, text)] = "fp"
+        for future in as_completed(futures):
+            key = futures[future]
+            rows[key] = future.result()
+            print(f"{key}: {json.dumps({k: v for k, v in rows[key].items() if k != 'gptq'})}", file=sys.stderr, flush=True)
+            save(rows)
     return rows
 
 
-def markdown(results: dict, command: str) -> str:
-    rows = results["rows"]
-    fp = rows["fp"]["perplexity"]
+def cell(rows: dict, key: str, column: str) -> str:
+    return f"{rows[key][column]:.2f}" if key in rows else "–"
+
+
+def table(results: dict, column: str) -> list[str]:
+    rows, methods = results["rows"], results["methods"]
+    lines = ["| rotation | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for rotation in results["rotations"]:
+        lines.append(f"| {rotation} | " + " | ".join(cell(rows, f"{rotation}/{m}", column) for m in methods) + " |")
+    return lines
+
+
+def pte_table(results: dict) -> list[str]:
+    """The programs' own perplexity (this file's `pte` part, from scripts/gptq_pte_table.py)."""
+    pte = results.get("pte")
+    if not pte:
+        return ["The .pte columns are not measured yet: `python scripts/gptq_pte_table.py` adds them."]
+    method, rows = pte["method"], results["rows"]
     lines = [
-        "# GPTQ against round-to-nearest on SmolLM2-135M-Instruct, W4A8 group 32",
+        f"Command: `{pte['command']}`",
         "",
-        f"Command: `{command}`",
+        f"Machine and libraries of the .pte numbers: {pte['environment']}.",
         "",
-        f"Evaluation: `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), the first {results['max_windows']} windows "
-        f"of {results['seqlen']} tokens. Machine and libraries: {results['environment']}.",
+        f"Each program: `python -m export.to_pte --rotation R --gptq-file {{R}}_{method}.pt` (the GPTQ integers and bf16 scales "
+        "of the table above, carried bit for bit; 8-bit per-channel embedding and 8da8w lm_head as every export). "
+        "Perplexity computed by running the program (prefill in chunks of 256, scripts/export_table.py's code path) "
+        f"on the same {results['max_windows']} windows. The fake-quant columns keep embedding and lm_head in float. "
+        f"RTN .pte: {pte['rtn_source']}.",
         "",
-        f"Full precision: {fp:.2f}. Weights int4 symmetric, group 32; activations int8 asymmetric per token "
-        "(fake quantization, quant.py = torchao's 8da4w arithmetic); embedding and lm_head in float.",
-        "",
-        "| rotation | RTN | GPTQ | GPTQ act order | GPTQ wall time (s) | .pte RTN | .pte GPTQ |",
+        f"| rotation | fake-quant rtn-bf16 ({results['device_name']}) | fake-quant {method} ({results['device_name']}) | "
+        f".pte RTN (CPU) | .pte {method} (CPU) | .pte {method} / full precision | export s (CPU) |",
         "|---|---|---|---|---|---|---|",
     ]
+    fp = rows["fp"]["fp"]
     for rotation in results["rotations"]:
-        rtn, gptq = rows[f"{rotation}/rtn"], rows[f"{rotation}/gptq"]
-        act = rows.get(f"{rotation}/gptq-act-order")
-        act_cell = f"{act['perplexity']:.2f}" if act else "–"
-        lines.append(f"| {rotation} | {rtn['perplexity']:.2f} | {gptq['perplexity']:.2f} | {act_cell} | "
-                     f"{gptq['gptq']['seconds']} | not measured | not measured |")
-    g = next(rows[k]["gptq"] for k in rows if k.endswith("/gptq"))
-    lines += [
-        "",
-        f"GPTQ: `{g['calibration']}` (sha256 `{g['calibration_sha256'][:16]}…`), {g['windows']} windows of {g['config']['seqlen']} "
-        f"tokens, damping {g['config']['damp']} × mean diagonal, block {g['config']['block']}, act order {g['config']['act_order']}, "
-        f"MSE clip {g['config']['clip_search']} (act order in its own column), scales {g['config']['scale_dtype']} (the export's 8da4w layout). "
-        "Wall time is GPTQ alone (calibration forwards, Hessians and the column loop), not the evaluation.",
+        lines.append(f"| {rotation} | {cell(rows, f'{rotation}/rtn-bf16', 'w4a8')} | {cell(rows, f'{rotation}/{method}', 'w4a8')} | "
+                     + pte_cells(pte["rtn"].get(rotation), pte["rows"].get(rotation), fp) + " |")
+    return lines
+
+
+def pte_cells(rtn: float | None, row: dict | None, fp: float) -> str:
+    measured = [f"{row['pte_perplexity']:.2f}", f"{row['pte_perplexity'] / fp - 1:+.1%}", f"{row['export_seconds']:.0f}"] if row else ["not measured", "–", "–"]
+    return " | ".join([f"{rtn:.2f}" if rtn else "not measured", *measured])
+
+
+def gptq_line(results: dict) -> str:
+    runs = [r["gptq"] for r in results["rows"].values() if "gptq" in r and r["gptq"]["config"]["method"] == "gptq"]
+    if not runs:
+        return ""
+    g, c = runs[0], runs[0]["config"]
+    return (f"GPTQ: `{g['calibration']}` (sha256 `{g['calibration_sha256'][:16]}…`), {g['windows']} windows of {c['seqlen']} tokens, "
+            f"damping {c['damp']} × mean diagonal, block {c['block']}, scales {c['scale_dtype']} (the export's 8da4w layout). "
+            "Methods: `rtn` quant.py's round to nearest, float32 scales; `rtn-bf16` the same in the export's layout (bf16 scales: "
+            "the integers the RTN .pte holds); `-clip` per-group MSE clip search; `act-order` columns by decreasing Hessian "
+            "diagonal with static group scales; `-a8` Hessians from int8 per-token activations instead of full-precision ones. "
+            f"GPTQ wall time per model, {results['jobs']} models at a time on the {results['device_name']} (so each waits for the "
+            f"others): {wall_times(results)}.")
+
+
+def wall_times(results: dict) -> str:
+    spans = []
+    for method in results["methods"]:
+        seconds = [r["gptq"]["seconds"] for k, r in results["rows"].items() if k.endswith(f"/{method}") and "gptq" in r]
+        if seconds and METHODS[method].get("method", "gptq") == "gptq":
+            spans.append(f"`{method}` {min(seconds):.0f}–{max(seconds):.0f} s")
+    return ", ".join(spans)
+
+
+def default_method() -> str:
+    """The column measured with GPTQConfig's defaults (what spinquant.eval --w-gptq and export --gptq run)."""
+    defaults = GPTQConfig()
+    return next(m for m, c in METHODS.items() if c is not None and dataclasses.replace(defaults, **c) == defaults)
+
+
+def beats_rtn(rows: dict, rotations: list[str], method: str) -> bool:
+    """Below round to nearest with float32 and with bf16 scales, for every rotation."""
+    return all(rows[f"{r}/{method}"]["w4a8"] < min(rows[f"{r}/rtn"]["w4a8"], rows[f"{r}/rtn-bf16"]["w4a8"]) for r in rotations)
+
+
+def findings(results: dict) -> list[str]:
+    """The issue's bars and the unrotated model's case, read off the rows."""
+    rows, rotations = results["rows"], results["rotations"]
+    fp = rows["fp"]["fp"]
+    gptq = [m for m in results["methods"] if METHODS[m] is not None and METHODS[m].get("method", "gptq") == "gptq"
+            and all(f"{r}/{m}" in rows for r in rotations)]
+    winners = [m for m in gptq if beats_rtn(rows, rotations, m)]
+    best = min(((r, m) for r in rotations for m in gptq), key=lambda c: rows[f"{c[0]}/{c[1]}"]["w4a8"])
+    best_ppl = rows[f"{best[0]}/{best[1]}"]["w4a8"]
+    out = [
+        f"GPTQ methods below RTN (float32 and bf16 scales) for every rotation at W4A8: {', '.join(f'`{m}`' for m in winners) or 'none'}; "
+        f"the default (`GPTQConfig()`, what `spinquant.eval --w-gptq` and `export.to_pte --gptq` run) is `{default_method()}`.",
+        f"Best fake-quant W4A8: {best[0]} with `{best[1]}`, {best_ppl:.2f}, {best_ppl / fp - 1:+.1%} from full precision {fp:.2f} "
+        f"(bar: within 5%, {fp * 1.05:.2f}): {'met' if best_ppl <= fp * 1.05 else 'NOT met'}.",
     ]
-    return "\n".join(lines) + "\n"
+    plain, rtn = rows.get("none/gptq"), rows.get("none/rtn")
+    if plain and rtn:
+        loses = [q for q in FAKE_QUANT if plain[q] >= rtn[q]]
+        out.append(
+            f"No rotation, plain GPTQ against RTN: {plain['w4a16']:.2f} vs {rtn['w4a16']:.2f} at W4A16 and {plain['w4a8']:.2f} vs "
+            f"{rtn['w4a8']:.2f} at W4A8; it loses at {' and '.join(q.upper() for q in loses) or 'neither'}. "
+            + ("Losing without activation quantization too, it is the weights' own rounding, not the int8 activations."
+               if "w4a16" in loses else "").strip())
+    pte = results.get("pte", {}).get("rows", {})
+    if pte:
+        r = min(pte, key=lambda k: pte[k]["pte_perplexity"])
+        ppl = pte[r]["pte_perplexity"]
+        out.append(f"Best .pte: {r} with `{results['pte']['method']}`, {ppl:.2f}, {ppl / fp - 1:+.1%} from full precision "
+                   f"(bar {fp * 1.05:.2f}): {'met' if ppl <= fp * 1.05 else 'NOT met'}.")
+    return [f"- {line}" for line in out]
 
 
-def main() -> None:
+def markdown(results: dict) -> str:
+    fp = results["rows"]["fp"]["fp"]
+    learned = ", ".join(f"`{name}` = `{path}`" for name, path in results["learned"].items())
+    return "\n".join([
+        "# GPTQ against round-to-nearest on SmolLM2-135M-Instruct, int4 weights group 32",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"Evaluation: `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), the first {results['max_windows']} windows "
+        f"of {results['seqlen']} tokens. Fake-quant machine and libraries: {results['environment']}.",
+        "",
+        f"Full precision: {fp:.2f}. Rotations: `none`, `hadamard` (random Hadamard R1/R2 + R4, seed 0), {learned}. "
+        "Weights int4 symmetric, group 32; embedding and lm_head in float.",
+        "",
+        f"## W4A8 (int8 asymmetric per-token activations), fake quantization on the {results['device_name']}",
+        "",
+        *table(results, "w4a8"),
+        "",
+        f"## W4A16 (the same weights, activations in float), on the {results['device_name']}",
+        "",
+        *table(results, "w4a16"),
+        "",
+        gptq_line(results),
+        "",
+        "## The exported programs",
+        "",
+        *pte_table(results),
+        "",
+        "## What the tables show",
+        "",
+        *findings(results),
+    ]) + "\n"
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--learned", default="results/rotations/smollm2_w4a8.pt")
-    p.add_argument("--rotations", nargs="+", default=list(ROTATIONS), choices=ROTATIONS)
-    p.add_argument("--quant", default="w4a8")
+    p.add_argument("--learned", action="append", help=f"NAME=FILE, a learned rotation (default {DEFAULT_LEARNED})")
+    p.add_argument("--rotations", nargs="+", help="default: none, hadamard and every --learned")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--gptq-windows", type=int, default=128)
-    p.add_argument("--act-order", action="store_true", help="also GPTQ with act order (static group scales)")
+    p.add_argument("--jobs", type=int, default=1, help="cells measured at a time, each in its own process")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 stays off)")
+    p.add_argument("--save-gptq", type=Path, help="folder: every GPTQ result as ROTATION_METHOD.pt, for export.to_pte --gptq-file")
     p.add_argument("--output", type=Path, default=Path("results/gptq_smollm2"))
     args = p.parse_args()
+    args.learned = args.learned or [DEFAULT_LEARNED]
+    args.rotations = args.rotations or list(rotation_specs(args))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     text = read_text(args.text)
-    for spec in ("none", args.learned):
+    for spec in rotation_specs(args).values():
         refuse_calibration_text(args.text, text_sha256(text), calibration_hashes(spec, args.calib_text))
-    results = dict(text=os.path.relpath(args.text), text_sha256=text_sha256(text), seqlen=args.seqlen, max_windows=args.max_windows,
-                   quant=args.quant, rotations=args.rotations, learned=args.learned, device=args.device,
-                   environment=environment_line(), rows=measure_all(args, text))
-    write_json_atomic(args.output.with_suffix(".json"), results)
-    command = "python scripts/gptq_table.py " + " ".join(sys.argv[1:])
-    write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())
+    load_model(args.model)  # the demo's one-time conversion, before the processes would race for it
+    if args.save_gptq:
+        args.save_gptq.mkdir(parents=True, exist_ok=True)
+    json_path = args.output.with_suffix(".json")
+    results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
+    results.update(
+        model=args.model, text=os.path.relpath(args.text), text_sha256=text_sha256(text), seqlen=args.seqlen, max_windows=args.max_windows,
+        rotations=args.rotations, methods=args.methods, learned=dict(pair.partition("=")[::2] for pair in args.learned),
+        device=args.device, device_name=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", jobs=args.jobs,
+        environment=environment_line(), command="python scripts/gptq_table.py " + " ".join(sys.argv[1:]),
+    )
+    measure_all(args, text, results["rows"], lambda rows: write_json_atomic(json_path, results))
+    write_json_atomic(json_path, results)
+    write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
     print(args.output.with_suffix(".md").read_text())
 
 

@@ -125,6 +125,8 @@ def refuse_calibration_text(text: Path, text_hash: str, hashes: dict[str, str]) 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from spinquant.gptq import GPTQConfig  # spinquant.gptq imports this module
+
     p = argparse.ArgumentParser(prog="python -m spinquant.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file or HF directory")
     p.add_argument("--rotation", default="none", help="none | r4 | hadamard | orthogonal | rotation file")
@@ -148,7 +150,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w-gptq", action="store_true", help="weights by GPTQ on the calibration text instead of round-to-nearest")
     p.add_argument("--gptq-windows", type=int, default=128, help="calibration windows of --seqlen tokens (fewer if the text is shorter)")
     p.add_argument("--gptq-damp", type=float, default=0.01, help="dampening, fraction of the Hessian's mean diagonal")
-    p.add_argument("--gptq-act-order", action="store_true", help="columns by decreasing Hessian diagonal (static group scales)")
+    p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=GPTQConfig.act_order,
+                   help="columns by decreasing Hessian diagonal (static group scales)")
+    p.add_argument("--gptq-clip-search", action=argparse.BooleanOptionalAction, default=GPTQConfig.clip_search,
+                   help="GPTQ's group scales by per-group MSE clip search (--w-clip-search is round-to-nearest's)")
     p.add_argument("--gptq-scale-dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 = the export's 8da4w scales")
     p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB, help="GPTQ's calibration text (never the evaluation text)")
     p.add_argument("--gptq-output", type=Path, help="save GPTQ's integers and scales here (for export.to_pte --gptq-file)")
@@ -169,8 +174,10 @@ def gptq_request_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQReq
         raise UserError("--w-gptq quantizes the decoder's linears only; drop --quantize-lm-head")
     if args.gptq_windows < 1:
         raise UserError("--gptq-windows must be at least 1")
+    if qc.w_clip_search:
+        raise UserError("--w-clip-search is round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
     config = GPTQConfig(
-        bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=qc.w_clip_search,
+        bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.seqlen, scale_dtype=args.gptq_scale_dtype,
     )
     return GPTQRequest(config, args.calib_text)

@@ -10,7 +10,8 @@ of the inner linear of OnlineHadamardLinear, which is already Hadamard-transform
 Scales are torchao's 8da4w layout bit for bit: symmetric, max|w| / 7.5 per group of `group` inputs,
 cast to the scale dtype (the export's is bfloat16), q = clamp(round(w · (1/scale)), −8, 7) with the
 reciprocal taken in the scale dtype, as torchao's quantize_affine does. So the integers and scales
-can be written into the exported program as they are.
+can be written into the exported program as they are. `method="rtn"` rounds to nearest in the same
+layout (what torchao's quantize_ gives the RTN export): the baseline GPTQ is measured against.
 """
 
 import dataclasses
@@ -23,13 +24,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError
 from spinquant.eval import text_sha256, token_windows
 from spinquant.files import write_atomic
-from spinquant.quant import CLIP_GRID, _qrange, _scale_and_zero
+from spinquant.quant import CLIP_GRID, _qrange, _quantize_input_hook, _scale_and_zero
 from spinquant.rotation import quantized_input_linear
 
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -49,12 +51,19 @@ class GPTQConfig:
     bits: int = 4
     group: int = 32  # 0 = one scale per output channel
     damp: float = 0.01  # fraction of the Hessian's mean diagonal added to it
-    act_order: bool = False  # columns by decreasing H_ii; the group scales are then computed up front
-    clip_search: bool = False  # per group, the clip ratio of quant.CLIP_GRID with the least squared error
+    # Defaults: beat round to nearest (fp32 and bf16 scales) for every rotation of the demo model, and the
+    # best of the variants that do without a rotation (results/gptq_smollm2.md). Without act order the
+    # unrotated model's GPTQ loses to RTN, in W4A16 as in W4A8.
+    act_order: bool = True  # columns by decreasing H_ii; the group scales are then computed up front
+    clip_search: bool = True  # per group, the clip ratio of quant.CLIP_GRID with the least squared error
     windows: int = 128
     seqlen: int = 2048
     block: int = 128  # columns per lazy batch update
     scale_dtype: str = "bf16"  # the export's 8da4w scales (export/quantize.py)
+    # Calibration inputs fake-quantized per token (asymmetric) to this many bits; 16 = full precision, as
+    # SpinQuant's gptq_utils. 8 = the int8 inputs the 8da4w program multiplies the weights with.
+    act_bits: int = 16
+    method: str = "gptq"  # or "rtn": round to nearest in this layout, no Hessian (GPTQ's baseline)
 
 
 @dataclass
@@ -133,6 +142,20 @@ def best_group_scale(w: torch.Tensor, bits: int, scale_dtype: torch.dtype, clip_
     return best
 
 
+def group_scales(w: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
+    """Round-to-nearest scales of every group of w's current values: (out, in // group)."""
+    scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
+    return torch.cat([best_group_scale(g, cfg.bits, scale_dtype, cfg.clip_search) for g in w.split(cfg.group or w.shape[1], 1)], 1)
+
+
+def round_to_nearest(weight: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
+    """torchao's 8da4w integers and scales of the weight (with the MSE clip when asked)."""
+    w = weight.float()
+    scales = group_scales(w, cfg)
+    q = quantize_with_scale(w, scales.repeat_interleave(w.shape[1] // scales.shape[1], dim=1), cfg.bits)
+    return QuantizedWeight(q.to(torch.int8), scales)
+
+
 def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
     """U with UᵀU = (H + λI)⁻¹, λ = damp · mean diag(H); λ grows tenfold until both factorizations succeed."""
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
@@ -160,12 +183,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
     h[dead, dead] = 1  # an input that is always 0: any weight works; the reference zeroes it
     w[:, dead] = 0
     scale_dtype = SCALE_DTYPES[cfg.scale_dtype]
-    static = torch.cat([best_group_scale(g, cfg.bits, scale_dtype, cfg.clip_search) for g in w.split(group, 1)], 1) if cfg.act_order else None
+    static = group_scales(w, cfg) if cfg.act_order else None
     perm = torch.argsort(h.diagonal(), descending=True) if cfg.act_order else torch.arange(n, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     u = upper_cholesky_of_inverse(h, cfg.damp)
     q = torch.zeros_like(w)
     scales = static if static is not None else torch.empty(w.shape[0], n // group, dtype=scale_dtype, device=w.device)
+    # Each permuted column's static scale, gathered once: indexing by an element of perm (on the GPU) in the loop can sync per column.
+    column_scales = static[:, perm // group] if static is not None else None
     block = group * max(1, cfg.block // group)  # a group never straddles two blocks
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
@@ -176,7 +201,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
             if static is None and col % group == 0:
                 # From the current weights: the error of earlier columns already moved this group.
                 scales[:, col // group] = best_group_scale(wb[:, i : i + group], cfg.bits, scale_dtype, cfg.clip_search)[:, 0]
-            s = scales[:, perm[col] // group] if static is not None else scales[:, col // group]
+            s = column_scales[:, col] if column_scales is not None else scales[:, col // group]
             q[:, col] = quantize_with_scale(wb[:, i], s, cfg.bits)
             err[:, i] = (wb[:, i] - q[:, col] * s.to(w.dtype)) / ub[i, i]
             wb[:, i:] -= err[:, i : i + 1] * ub[i : i + 1, i:]
@@ -265,21 +290,47 @@ def check_calibration_tokens(model: LlamaForCausalLM, tokens: int) -> None:
         )
 
 
+def quantize_calibration_inputs(model: LlamaForCausalLM, bits: int) -> list[RemovableHandle]:
+    """Per-token fake quantization of every decoder linear's input while calibrating; registered before the
+    Hessian hooks, so those see the quantized inputs (and the next layers the quantized outputs)."""
+    if bits >= 16:
+        return []
+    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
+    return [m.register_forward_pre_hook(_quantize_input_hook(bits, False, 1.0)) for m in linears]
+
+
 def gptq_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: GPTQConfig, device: torch.device, progress: bool = True) -> dict[str, QuantizedWeight]:
     """GPTQ of every decoder linear, in place (weights become their dequantized values); integers by module name."""
     check_calibration_tokens(model, windows.numel())
     names = {m: name for name, m in model.named_modules()}
     home = next(model.parameters()).device
-    inputs, kwargs = first_layer_inputs(model, windows, device)
-    result = {}
-    for layer in tqdm(model.model.layers, desc="GPTQ", unit="layer", disable=not progress):
-        layer.to(device)
-        result.update({names[linear]: qw for linear, qw in quantize_layer(layer, inputs, kwargs, cfg, device).items()})
-        with torch.no_grad():
-            inputs = run_layer(layer, inputs, kwargs, device)  # the next layer sees this layer quantized
-        layer.to(home)
+    handles = quantize_calibration_inputs(model, cfg.act_bits)
+    try:
+        inputs, kwargs = first_layer_inputs(model, windows, device)
+        result = {}
+        for layer in tqdm(model.model.layers, desc="GPTQ", unit="layer", disable=not progress):
+            layer.to(device)
+            result.update({names[linear]: qw for linear, qw in quantize_layer(layer, inputs, kwargs, cfg, device).items()})
+            with torch.no_grad():
+                inputs = run_layer(layer, inputs, kwargs, device)  # the next layer sees this layer quantized
+            layer.to(home)
+    finally:
+        for handle in handles:
+            handle.remove()
     model.model.embed_tokens.to(home)
     model.model.rotary_emb.to(home)
+    return result
+
+
+@torch.no_grad()
+def rtn_model(model: LlamaForCausalLM, cfg: GPTQConfig) -> dict[str, QuantizedWeight]:
+    """Round to nearest of every decoder linear in GPTQ's layout, in place, as gptq_model returns it."""
+    result = {}
+    for name, linear in model.model.layers.named_modules(prefix="model.layers"):
+        if isinstance(linear, nn.Linear):
+            qw = round_to_nearest(linear.weight.data, cfg)
+            linear.weight.data = qw.dequantize().to(linear.weight.device, linear.weight.dtype)
+            result[name] = QuantizedWeight(qw.qdata.cpu(), qw.scale.cpu())
     return result
 
 
@@ -300,7 +351,7 @@ def run_gptq(
     if len(windows) < cfg.windows:
         print(f"GPTQ: the calibration text has {len(windows)} windows of {cfg.seqlen} tokens, using them all", file=sys.stderr)
     start = time.time()
-    weights = gptq_model(model, windows, cfg, device)
+    weights = rtn_model(model, cfg) if cfg.method == "rtn" else gptq_model(model, windows, cfg, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return GPTQResult(

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import math
 
@@ -8,11 +9,11 @@ from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
 
 from export.quantize import linear_config
 from spinquant.errors import UserError
+from spinquant.eval import gptq_request_from_args, parse_args, text_sha256
 from spinquant.eval import main as eval_main
-from spinquant.eval import text_sha256
-from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, run_layer, upper_cholesky_of_inverse
+from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer, upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config
-from spinquant.quant import fake_quantize
+from spinquant.quant import fake_quantize, setting
 from spinquant.rotation import apply_rotations, rotations_for
 
 
@@ -58,7 +59,7 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, group: int, damp: float = 0
 
 def test_gptq_equals_the_column_by_column_reference():
     h, w = correlated_hessian(96), random_weight(24, 96)
-    ours = gptq_quantize(w, h, GPTQConfig(group=32, block=64, scale_dtype="fp32"))
+    ours = gptq_quantize(w, h, GPTQConfig(group=32, block=64, scale_dtype="fp32", act_order=False, clip_search=False))
     q, scales = reference_gptq(w, h, 32)
     assert torch.equal(ours.scale, scales)
     assert torch.equal(ours.qdata.double(), q)
@@ -67,7 +68,7 @@ def test_gptq_equals_the_column_by_column_reference():
 def test_gptq_output_error_is_below_round_to_nearest():
     h, w = correlated_hessian(128), random_weight(32, 128)
     rtn = fake_quantize(w.float(), 4, 32, symmetric=True)
-    for cfg in (GPTQConfig(), GPTQConfig(act_order=True), GPTQConfig(clip_search=True)):
+    for cfg in (GPTQConfig(), GPTQConfig(act_order=False, clip_search=False), GPTQConfig(act_order=False), GPTQConfig(clip_search=False)):
         gptq = gptq_quantize(w, h, cfg).dequantize()
         assert output_error(w, gptq, h) < 0.7 * output_error(w, rtn, h), cfg
 
@@ -80,16 +81,17 @@ def test_identity_hessian_gives_torchao_8da4w_integers_and_scales(scale_dtype):
     reference = copy.deepcopy(linear)
     config = linear_config("8da4w", 32) if scale_dtype == "bf16" else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
     quantize_(reference, config)
-    ours = gptq_quantize(linear.weight.data, torch.eye(256), GPTQConfig(group=32, scale_dtype=scale_dtype))
-    assert ours.scale.dtype == reference.weight.scale.dtype
-    assert torch.equal(ours.qdata, reference.weight.qdata)
-    assert torch.equal(ours.scale, reference.weight.scale)
-    assert torch.equal(ours.dequantize(), reference.weight.dequantize())
+    plain = GPTQConfig(group=32, scale_dtype=scale_dtype, act_order=False, clip_search=False)
+    for ours in (gptq_quantize(linear.weight.data, torch.eye(256), plain), round_to_nearest(linear.weight.data, dataclasses.replace(plain, method="rtn"))):
+        assert ours.scale.dtype == reference.weight.scale.dtype
+        assert torch.equal(ours.qdata, reference.weight.qdata)
+        assert torch.equal(ours.scale, reference.weight.scale)
+        assert torch.equal(ours.dequantize(), reference.weight.dequantize())
 
 
 def test_act_order_keeps_the_static_round_to_nearest_scales():
     h, w = correlated_hessian(64), random_weight(16, 64)
-    ours = gptq_quantize(w, h, GPTQConfig(act_order=True, scale_dtype="fp32"))
+    ours = gptq_quantize(w, h, GPTQConfig(act_order=True, clip_search=False, scale_dtype="fp32"))
     rtn_scale = (w.float().unflatten(1, (2, 32)).abs().amax(-1) / 7.5)
     assert torch.equal(ours.scale, rtn_scale)
     assert ours.qdata.min() >= -8 and ours.qdata.max() <= 7
@@ -163,7 +165,10 @@ def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "extra,message",
-    [(["--quant", "fp"], "--w-gptq needs quantized weights"), (["--w-asym"], "drop --w-asym"), (["--quantize-lm-head"], "drop --quantize-lm-head")],
+    [
+        (["--quant", "fp"], "--w-gptq needs quantized weights"), (["--w-asym"], "drop --w-asym"),
+        (["--quantize-lm-head"], "drop --quantize-lm-head"), (["--w-clip-search"], "--w-clip-search is round-to-nearest's"),
+    ],
 )
 def test_eval_refuses_what_gptq_cannot_do(tiny_hf_dir, extra, message):
     with pytest.raises(UserError, match=message):
@@ -179,3 +184,41 @@ def test_layer_by_layer_forward_is_the_model_forward():
             inputs = run_layer(layer, inputs, kwargs, torch.device("cpu"))
         expected = model.model(windows, use_cache=False).last_hidden_state
     assert torch.allclose(model.model.norm(torch.cat(inputs)), expected, atol=1e-5)
+
+
+def test_default_gptq_is_act_order_with_mse_clip():
+    """The default that beat round to nearest for every rotation of the demo model (results/gptq_smollm2.md)."""
+    assert GPTQConfig().act_order and GPTQConfig().clip_search and GPTQConfig().act_bits == 16
+    qc = setting("w4a8")
+    default = gptq_request_from_args(parse_args(["--quant", "w4a8", "--w-gptq"]), qc).config
+    assert default == GPTQConfig(seqlen=2048)
+    off = gptq_request_from_args(parse_args(["--w-gptq", "--no-gptq-act-order", "--no-gptq-clip-search"]), qc).config
+    assert not off.act_order and not off.clip_search
+
+
+def test_act_order_with_clip_beats_plain_gptq_on_an_outlier_channel():
+    """The unrotated model's case: one input channel far larger than the rest (H_ii ≫ the others)."""
+    h, w = correlated_hessian(128, seed=3), random_weight(32, 128, seed=4)
+    plain = gptq_quantize(w, h, GPTQConfig(act_order=False, clip_search=False)).dequantize()
+    default = gptq_quantize(w, h, GPTQConfig()).dequantize()
+    assert output_error(w, default, h) < output_error(w, plain, h)
+
+
+def test_rtn_model_is_round_to_nearest_in_place():
+    model = tiny_rotated_model()
+    before = {n: m.weight.clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
+    result = rtn_model(model, GPTQConfig(method="rtn", clip_search=False))
+    assert set(result) == set(before)
+    for name, qw in result.items():
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())
+        assert torch.equal(qw.qdata, round_to_nearest(before[name], GPTQConfig(clip_search=False)).qdata)
+
+
+def test_calibration_with_int8_inputs_changes_the_hessians_and_leaves_no_hooks():
+    windows = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    full, int8 = tiny_rotated_model(), tiny_rotated_model()
+    int8.load_state_dict(full.state_dict())
+    a = gptq_model(full, windows, GPTQConfig(), torch.device("cpu"), progress=False)
+    b = gptq_model(int8, windows, GPTQConfig(act_bits=8), torch.device("cpu"), progress=False)
+    assert any(not torch.equal(a[n].qdata, b[n].qdata) for n in a)
+    assert all(not m._forward_pre_hooks for m in int8.modules())

@@ -1,0 +1,99 @@
+"""The .pte columns of results/gptq_smollm2.md: each rotation's GPTQ weights exported, then the program run.
+
+    python scripts/gptq_pte_table.py --gptq-dir out/gptq --method gptq-act-order-clip
+
+The GPTQ files are those `scripts/gptq_table.py --save-gptq DIR` wrote (ROTATION_METHOD.pt, made on
+the GPU); each is exported by `python -m export.to_pte --gptq-file` in a fresh process, so the
+program holds its integers and bf16 scales bit for bit, with the export's 8-bit embedding and 8da8w
+lm_head. The program's perplexity is computed by running it as scripts/export_table.py does (chunked
+prefill) on the table's windows. The RTN programs' perplexities are read from results/export_smollm2.json
+(the same export without --gptq-file, measured on this CPU), not re-measured. Adds a `pte` part to
+results/gptq_smollm2.json (resumable: rotations already there are kept) and regenerates the Markdown.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from gptq_table import markdown
+from runner.pte import PteProgram
+from spinquant.environment import environment_line
+from spinquant.errors import UserError
+from spinquant.eval import perplexity_of, read_text, text_sha256, token_windows
+from spinquant.files import write_atomic, write_json_atomic
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+# results/export_smollm2.json's rows by this table's rotation names (its `learned` is smollm2_w4a8.pt).
+EXPORT_TABLE_ROWS = {"none": "none", "hadamard": "hadamard", "learned": "learned"}
+
+
+def export(model: str, rotation: str, gptq_file: Path, out: Path) -> dict:
+    """`python -m export.to_pte` in a fresh process, as the export table runs it, plus --gptq-file."""
+    start = time.time()
+    cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--rotation", rotation,
+           "--gptq-file", str(gptq_file), "--output-dir", str(out)]
+    subprocess.run(cmd, check=True)
+    report = json.loads((out / "export_report.json").read_text())
+    return dict(report=report, wall_seconds=round(time.time() - start, 1))
+
+
+def measure(results: dict, rotation: str, args: argparse.Namespace) -> dict:
+    spec = {"none": "none", "hadamard": "hadamard", **results["learned"]}[rotation]
+    gptq_file = args.gptq_dir / f"{rotation}_{args.method}.pt"
+    out = args.work_dir / rotation
+    exported = export(results.get("model", "smollm2-135m"), spec, gptq_file, out)
+    program = PteProgram(out / "model.pte")
+    text = read_text(Path(results["text"]))
+    if text_sha256(text) != results["text_sha256"]:
+        raise UserError(f"{results['text']} is not the text the fake-quant table was measured on (sha256 differs)")
+    windows = token_windows(AutoTokenizer.from_pretrained(out), text, results["seqlen"], results["max_windows"])
+    start = time.time()
+    ppl = perplexity_of(program.prefill_logits, windows)
+    report = exported["report"]
+    return dict(
+        gptq_file=str(gptq_file), rotation=spec, pte_perplexity=ppl, perplexity_seconds=round(time.time() - start, 1),
+        export_seconds=report["export_seconds"], wall_seconds=exported["wall_seconds"], verify=report["verify"],
+        pte_bytes=report["pte_bytes"],
+    )
+
+
+def rtn_from_export_table() -> tuple[dict[str, float], str]:
+    path = RESULTS / "export_smollm2.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else {}
+    found = {ours: rows[theirs]["pte_perplexity"] for ours, theirs in EXPORT_TABLE_ROWS.items() if theirs in rows}
+    return found, "results/export_smollm2.json (scripts/export_table.py, the same export without --gptq-file, this CPU)"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gptq-dir", type=Path, required=True, help="the folder of scripts/gptq_table.py --save-gptq")
+    p.add_argument("--method", default="gptq-act-order-clip", help="which GPTQ method's files to export")
+    p.add_argument("--rotations", nargs="+", help="default: every rotation of the table")
+    p.add_argument("--work-dir", type=Path, default=Path("out/gptq_pte"))
+    p.add_argument("--output", type=Path, default=Path("results/gptq_smollm2"))
+    args = p.parse_args()
+    json_path = args.output.with_suffix(".json")
+    results = json.loads(json_path.read_text())
+    rtn, source = rtn_from_export_table()
+    pte = results.get("pte") if results.get("pte", {}).get("method") == args.method else None
+    pte = pte or {"method": args.method, "rows": {}}
+    pte.update(rtn=rtn, rtn_source=source, environment=environment_line(),
+               command=("python scripts/gptq_pte_table.py " + " ".join(sys.argv[1:])).strip())
+    results["pte"] = pte
+    for rotation in args.rotations or results["rotations"]:
+        if rotation not in pte["rows"]:
+            pte["rows"][rotation] = measure(results, rotation, args)
+            print(f"{rotation}: .pte perplexity {pte['rows'][rotation]['pte_perplexity']:.3f}", file=sys.stderr, flush=True)
+            write_json_atomic(json_path, results)
+        write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
+    write_json_atomic(json_path, results)
+    write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
+
+
+if __name__ == "__main__":
+    main()

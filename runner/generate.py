@@ -85,8 +85,8 @@ def generate(
         new.append(token)
         on_token(token)
         position = len(prompt_ids) + len(new) - 1
-        if position + 1 >= max_len:
-            break
+        if len(new) == max_new_tokens or position + 1 >= max_len:
+            break  # no forward whose logits nobody samples: decode speed counts only the steps that give tokens
         logits = program.forward(torch.tensor([[token]]), torch.tensor([position]))[0, -1]
     end = time.perf_counter()
     first_token_at = first_token_at or end

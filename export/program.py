@@ -92,12 +92,11 @@ def quiet_logger(name: str) -> Iterator[None]:
 def delegate_linears(program: torch.export.ExportedProgram, constant_methods: dict) -> EdgeProgramManager:
     # to_edge + to_backend decomposes the graph once; to_edge_transform_and_lower does it three
     # times, and every pass re-traces every node with symbolic shapes (40% of the lowering time).
-    # Keeping aten.linear whole is all the partitioner needs from the decomposition.
-    edge = to_edge(
-        program,
-        constant_methods=constant_methods,
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, preserve_ops=[torch.ops.aten.linear.default]),
-    )
+    # Keeping aten.linear whole is all the partitioner needs from the decomposition. Dim-order ops
+    # are skipped: a float32 program of contiguous tensors has nothing for them to say, and their
+    # pass is one more re-trace of the whole graph.
+    config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True, preserve_ops=[torch.ops.aten.linear.default])
+    edge = to_edge(program, constant_methods=constant_methods, compile_config=config)
     with quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"):  # its to_backend deprecation notice
         return edge.to_backend(linear_partitioner())
 

@@ -9,9 +9,11 @@ by the same loop: prefill = prompt in → first token chosen; decode = each late
 """
 
 import json
+import os
 import resource
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -61,8 +63,9 @@ class HfEager:
 
 
 class LlamaCpp:
-    """llama.cpp (llama-cpp-python) on a GGUF file; its eval() appends tokens to its KV cache and
-    keeps the last position's logits."""
+    """llama.cpp (llama-cpp-python) on a GGUF file: eval() appends tokens to its KV cache and has
+    llama.cpp compute the last position's logits, which are read from its context (eval() keeps
+    them in Python only with logits_all, which computes every position's)."""
 
     def __init__(self, gguf: Path, threads: int, context: int):
         from llama_cpp import Llama
@@ -80,14 +83,20 @@ class LlamaCpp:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if int(positions[0]) != self.llm.n_tokens:
             raise ValueError(f"llama.cpp holds {self.llm.n_tokens} tokens; asked to write at {int(positions[0])}")
+        import llama_cpp
+        import numpy as np
+
         self.llm.eval(ids[0].tolist())
-        return torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1]).view(1, 1, -1)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+        return torch.tensor(logits).view(1, 1, -1)  # a copy: llama.cpp reuses its buffer
 
 
 def load_engine(spec: dict) -> tuple[object, dict]:
     """The engine with `spec['threads']` threads, and what it reports about itself."""
     threads = spec["threads"]
-    torch.set_num_threads(threads)  # HF's kernels; elsewhere only the sampling argmax
+    # torch runs HF's model; for the others it only picks the next token, and a pool of its own
+    # would be threads beside the engine's.
+    torch.set_num_threads(threads if spec["engine"] == "hf" else 1)
     if spec["engine"] == "pte":
         from executorch.extension.pybindings import portable_lib
 
@@ -95,16 +104,31 @@ def load_engine(spec: dict) -> tuple[object, dict]:
 
         # Before the program loads: XNNPACK takes the threadpool when its delegate initialises.
         portable_lib._unsafe_reset_threadpool(threads)
-        return PteProgram(Path(spec["path"])), {"threads_in_effect": portable_lib._threadpool_get_thread_count()}
+        program = PteProgram(Path(spec["path"]))
+        # The memory plan holds the output for the longest prompt the program takes: part of its RSS.
+        logits = program.loaded.program.metadata("forward").output_tensor_meta(0)
+        info = {"threads_in_effect": portable_lib._threadpool_get_thread_count(), "planned_logits_mb": logits.nbytes() / 2**20}
+        return program, info
     if spec["engine"] == "hf":
         return HfEager(spec["path"]), {"threads_in_effect": torch.get_num_threads()}
     if spec["engine"] == "llamacpp":
         import llama_cpp
 
         engine = LlamaCpp(Path(spec["path"]), threads, spec["context"])
-        info = llama_cpp.llama_print_system_info().decode().strip()
-        return engine, {"threads_in_effect": engine.llm.context_params.n_threads, "llama_cpp_system_info": info}
+        return engine, {"threads_in_effect": engine.llm.context_params.n_threads, "llama_cpp": llama_cpp_build()}
     raise ValueError(f"unknown engine {spec['engine']}")
+
+
+def llama_cpp_build() -> str:
+    """llama.cpp's version and commit as llama-cpp-python built it, and the CPU features it uses."""
+    import llama_cpp
+
+    # llama_version() is only the release; the commit is in the CMake package it installs.
+    config = Path(llama_cpp.__file__).parents[1] / "lib" / "cmake" / "llama" / "llama-config.cmake"
+    lines = config.read_text().splitlines() if config.is_file() else []
+    commit = next((line.split()[1].rstrip(")") for line in lines if "LLAMA_BUILD_COMMIT" in line), "?")
+    features = llama_cpp.llama_print_system_info().decode().strip().rstrip("|").strip()
+    return f"llama.cpp {llama_cpp.llama_version().decode()} commit {commit}; {features}"
 
 
 def rss_mb() -> float:
@@ -117,20 +141,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def thread_cpu_ticks() -> dict[int, int]:
+    """CPU time (user + system, clock ticks) of each thread of this process."""
+    ticks = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        ticks[int(task.name)] = int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return ticks
+
+
+def thread_use(before: dict[int, int], after: dict[int, int], wall_s: float) -> dict:
+    """CPU seconds of each thread that ran in between (busiest first) and all of them per wall
+    second: 1 vs 2 threads shows here even on a busy machine. A pool that spins while it waits
+    counts as busy."""
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    used = sorted((t - before.get(tid, 0) for tid, t in after.items()), reverse=True)
+    return dict(thread_cpu_s=[u / ticks_per_s for u in used if u > 0], cores_busy=sum(used) / ticks_per_s / wall_s)
+
+
 def measure(spec: dict) -> dict:
     """Warm-up runs, then `repeats` timed runs: medians and every run's numbers."""
     before_load = rss_mb()
     engine, info = load_engine(spec)
     program = FixedLength(engine)
+    for _ in range(spec["warmup"]):
+        generate(program, spec["prompt_ids"], spec["new_tokens"])
     runs: list[GenerationStats] = []
-    for i in range(spec["warmup"] + spec["repeats"]):
+    before, start = thread_cpu_ticks(), time.perf_counter()
+    for _ in range(spec["repeats"]):
         new, stats = generate(program, spec["prompt_ids"], spec["new_tokens"])
-        if i >= spec["warmup"]:
-            runs.append(stats)
+        runs.append(stats)
+    use = thread_use(before, thread_cpu_ticks(), time.perf_counter() - start)
     return dict(
         **info,
         prefill_tokens_per_s=statistics.median(r.prefill_tokens_per_s for r in runs),
         decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs),
+        **use,
         runs=[vars(r) for r in runs],
         generated_ids=new,
         rss_before_load_mb=round(before_load),

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
+from export.options import default_rotation
 from memory_bound import copy_bandwidth, gguf_bytes_per_token, pte_bytes_per_token
 from spinquant.environment import describe_environment
 from spinquant.files import write_atomic, write_json_atomic
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ensure_export(directory: Path, rotation: str | None) -> dict:
     """The export's report; exported first when the directory has no program. `rotation` None: the
-    default export; otherwise the export must have this rotation."""
+    default export (the model's default rotation); otherwise an export with this rotation."""
     if not (directory / "model.pte").is_file():
         extra = ["--rotation", rotation] if rotation else []
         subprocess.run([sys.executable, "-m", "export.to_pte", "--output-dir", str(directory), *extra], cwd=ROOT, check=True)
@@ -70,8 +71,8 @@ def ensure_export(directory: Path, rotation: str | None) -> dict:
     options = report["options"]
     if options["model"] not in DEMO_MODELS:
         sys.exit(f"{directory} holds a {options['model']} program; this benchmark compares the demo model with its own GGUF file")
-    wanted = rotation or "a rotation"
-    if (options["rotation"] == "none") != (rotation == "none"):
+    wanted = rotation or default_rotation(options["model"])
+    if Path(options["rotation"]).name != Path(wanted).name:  # a rotation file's directory depends on the checkout
         sys.exit(f"{directory} was exported with --rotation {options['rotation']}, not {wanted}")
     return report
 
@@ -122,7 +123,7 @@ def measure_rows(args: argparse.Namespace, engine_list: list[dict], prompt: list
             rows.append(dict(**engine, threads=threads, load_average_before=load, **run_worker("decode_engines.py", spec)))
             if rows[-1]["threads_in_effect"] != threads:
                 sys.exit(f"{engine['label']} ran with {rows[-1]['threads_in_effect']} threads, not {threads}")
-            print(f"{engine['label']}, {threads} threads: prefill {rows[-1]['prefill_tokens_per_s']:.1f} tok/s, "
+            print(f"{engine['label']}, {threads_text(threads)}: prefill {rows[-1]['prefill_tokens_per_s']:.1f} tok/s, "
                   f"decode {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr)
     return rows
 
@@ -207,10 +208,11 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 
 def results_table(rows: list[dict]) -> list[str]:
-    lines = ["| engine | threads | prefill tok/s | decode tok/s | peak RSS MB | RSS before the model loaded MB |", "|---|---|---|---|---|---|"]
+    lines = ["| engine | threads | prefill tok/s | decode tok/s | peak RSS MB | RSS before the model loaded MB | cores busy |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['threads']} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r['decode_tokens_per_s'])} | "
-                     f"{r.get('peak_rss_mb', '—')} | {r.get('rss_before_load_mb', '—')} |")
+                     f"{r.get('peak_rss_mb', '—')} | {r.get('rss_before_load_mb', '—')} | {fmt(r.get('cores_busy'), 2)} |")
     return lines
 
 
@@ -222,6 +224,14 @@ def bound_section(bounds: list[dict], parts: dict) -> list[str]:
         pieces = ", ".join(f"{name} {size_text(b)}" for name, b in p.items())
         lines.append(f"Bytes per decoded token, {'our .pte' if key == 'pte' else 'llama.cpp'}: {size_text(sum(p.values()))} ({pieces}).")
     return lines
+
+
+def rss_note(rows: list[dict]) -> list[str]:
+    planned = next((r["planned_logits_mb"] for r in rows if "planned_logits_mb" in r), None)
+    if planned is None:
+        return []
+    return [f"The .pte's peak RSS includes ExecuTorch's memory plan, sized for the longest prompt the program takes: "
+            f"its logits output alone is {planned:.0f} MiB, allocated when the program loads.", ""]
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -256,6 +266,8 @@ def profile_section(profile: dict, top: int = 12) -> list[str]:
 
 def markdown(args_line: str, meta: dict, rows: list[dict], bounds: list[dict], parts: dict, s: dict, profile: dict | None) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in meta["libraries"].items())
+    if meta["llama_cpp"]:
+        libs += f" ({meta['llama_cpp']})"
     lines = [
         "# Decode speed of the demo model on this CPU",
         "",
@@ -270,10 +282,12 @@ def markdown(args_line: str, meta: dict, rows: list[dict], bounds: list[dict], p
         "decode: each later token. The .pte's forward returns logits for every prompt position; llama.cpp and "
         "transformers compute the last one only. The .pte's threads are ExecuTorch's threadpool "
         "(`portable_lib._unsafe_reset_threadpool`), transformers' are `torch.set_num_threads`, llama.cpp's "
-        "`n_threads`/`n_threads_batch`.",
+        "`n_threads`/`n_threads_batch`. Cores busy: the process's CPU seconds per wall second over the timed runs "
+        "(a pool that spins while it waits counts; each thread's seconds are in the .json).",
         "",
         *results_table(rows + bounds),
         "",
+        *rss_note(rows),
         *summary_lines(s),
         "",
         *bound_section(bounds, parts),
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = dict(path=str(args.pte / "model.pte"), threads=1, prompt_ids=prompt, steps=args.profile_steps)
         profile = run_worker("decode_profile.py", spec)
     meta = dict(cpu=cpu_text(), cores=os.cpu_count(), load_start=load_start, load_end=os.getloadavg()[0],
-                libraries=libraries(), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                libraries=libraries(), llama_cpp=next((r["llama_cpp"] for r in rows if "llama_cpp" in r), None), prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                 repeats=args.repeats, warmup=args.warmup)
     text = markdown(args_line, meta, rows, bounds, parts, s, profile)
     write_atomic(args.output, text.encode())

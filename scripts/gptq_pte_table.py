@@ -7,7 +7,8 @@ the GPU); each is exported by `python -m export.to_pte --gptq-file` in a fresh p
 program holds its integers and bf16 scales bit for bit, with the export's 8-bit embedding and 8da8w
 lm_head. The program's perplexity is computed by running it as scripts/export_table.py does (chunked
 prefill) on the table's windows. The RTN programs' perplexities are read from results/export_smollm2.json
-(the same export without --gptq-file, measured on this CPU), not re-measured. Adds a `pte` part to
+(the same export without --gptq-file, measured on this CPU; `--rtn-from REV` reads it as committed at
+REV), not re-measured. Adds a `pte` part to
 results/gptq_smollm2.json (resumable: rotations already there are kept) and regenerates the Markdown.
 """
 
@@ -62,11 +63,17 @@ def measure(results: dict, rotation: str, args: argparse.Namespace) -> dict:
     )
 
 
-def rtn_from_export_table() -> tuple[dict[str, float], str]:
-    path = RESULTS / "export_smollm2.json"
-    rows = json.loads(path.read_text())["rows"] if path.is_file() else {}
+def rtn_from_export_table(revision: str) -> tuple[dict[str, float], str]:
+    """The RTN programs' perplexities from results/export_smollm2.json as committed at `revision` (or the file as it is: "")."""
+    if revision:
+        text = subprocess.run(["git", "show", f"{revision}:results/export_smollm2.json"], check=True, capture_output=True, text=True).stdout
+    else:
+        path = RESULTS / "export_smollm2.json"
+        text = path.read_text() if path.is_file() else '{"rows": {}}'
+    rows = json.loads(text)["rows"]
     found = {ours: rows[theirs]["pte_perplexity"] for ours, theirs in EXPORT_TABLE_ROWS.items() if theirs in rows}
-    return found, "results/export_smollm2.json (scripts/export_table.py, the same export without --gptq-file, this CPU)"
+    where = f"results/export_smollm2.json at commit {revision}" if revision else "results/export_smollm2.json"
+    return found, f"{where} (scripts/export_table.py, the same export without --gptq-file, this CPU)"
 
 
 def main() -> None:
@@ -74,12 +81,13 @@ def main() -> None:
     p.add_argument("--gptq-dir", type=Path, required=True, help="the folder of scripts/gptq_table.py --save-gptq")
     p.add_argument("--method", default="gptq-act-order-clip", help="which GPTQ method's files to export")
     p.add_argument("--rotations", nargs="+", help="default: every rotation of the table")
+    p.add_argument("--rtn-from", default="", help="git revision of results/export_smollm2.json to read the RTN .pte rows from (default: the file)")
     p.add_argument("--work-dir", type=Path, default=Path("out/gptq_pte"))
     p.add_argument("--output", type=Path, default=Path("results/gptq_smollm2"))
     args = p.parse_args()
     json_path = args.output.with_suffix(".json")
     results = json.loads(json_path.read_text())
-    rtn, source = rtn_from_export_table()
+    rtn, source = rtn_from_export_table(args.rtn_from)
     pte = results.get("pte") if results.get("pte", {}).get("method") == args.method else None
     pte = pte or {"method": args.method, "rows": {}}
     pte.update(rtn=rtn, rtn_source=source, environment=environment_line(),

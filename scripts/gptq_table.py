@@ -195,6 +195,11 @@ def findings(results: dict) -> list[str]:
         f"Best fake-quant W4A8: {best[0]} with `{best[1]}`, {best_ppl:.2f}, {best_ppl / fp - 1:+.1%} from full precision {fp:.2f} "
         f"(bar: within 5%, {fp * 1.05:.2f}): {'met' if best_ppl <= fp * 1.05 else 'NOT met'}.",
     ]
+    pairs = [(r, rows[f"{r}/rtn"]["w4a8"], rows[f"{r}/rtn-bf16"]["w4a8"]) for r in rotations if f"{r}/rtn-bf16" in rows and f"{r}/rtn" in rows]
+    if pairs:
+        out.append("RTN with the export's bf16 scales against float32 scales: "
+                   + ", ".join(f"{r} {bf:.2f} vs {fp32:.2f} ({bf / fp32 - 1:+.1%})" for r, fp32, bf in pairs)
+                   + ": the scale dtype alone moves RTN either way, so GPTQ is held to the lower of the two.")
     plain, rtn = rows.get("none/gptq"), rows.get("none/rtn")
     if plain and rtn:
         loses = [q for q in FAKE_QUANT if plain[q] >= rtn[q]]

@@ -264,6 +264,12 @@ def profile_section(profile: dict, top: int = 12) -> list[str]:
     return lines
 
 
+def busy_machine_warning(meta: dict, clean_load: float = 0.3) -> str:
+    if max(meta["load_start"], meta["load_end"]) < clean_load:
+        return ""
+    return f" **Other processes were running (load average {clean_load} or more): these numbers are not clean.**"
+
+
 def markdown(args_line: str, meta: dict, rows: list[dict], bounds: list[dict], parts: dict, s: dict, profile: dict | None) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in meta["libraries"].items())
     if meta["llama_cpp"]:
@@ -274,7 +280,7 @@ def markdown(args_line: str, meta: dict, rows: list[dict], bounds: list[dict], p
         f"Command: `{args_line}`",
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} cores; load average (1 min) {meta['load_start']:.2f} at the start, "
-        f"{meta['load_end']:.2f} at the end. Libraries: {libs}.",
+        f"{meta['load_end']:.2f} at the end.{busy_machine_warning(meta)} Libraries: {libs}.",
         "",
         f"Prompt {meta['prompt_tokens']} tokens, then {meta['new_tokens']} new tokens, greedy, end tokens ignored; "
         f"median of {meta['repeats']} runs after {meta['warmup']} warm-up run(s); every row in its own process, "

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from export.gptq_weights import write_gptq_weights
 from export.quantize import quantize_for_export
 from export.verify import kl_per_position
 from runner.pte import PteProgram
@@ -24,6 +25,7 @@ from spinquant.environment import describe_environment, environment_line
 from spinquant.errors import UserError, one_line_errors
 from spinquant.eval import DEFAULT_TEXT, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.gptq import GPTQResult
 from spinquant.models import load_model
 from spinquant.rotation import apply_rotations, rotations_for
 
@@ -38,10 +40,15 @@ def export_options(pte: Path) -> dict:
 
 
 def eager_quantized(fp_model, options: dict):
-    """The export's model before torch.export: same rotation, same torchao quantization."""
+    """The export's model before torch.export: same rotation, same torchao quantization, same GPTQ integers."""
     model = copy.deepcopy(fp_model)
     apply_rotations(model, rotations_for(options["rotation"], model.config, options["seed"]))
-    return quantize_for_export(model, options["qlinear"], options["lm_head"], options["qembedding"], options["group_size"])
+    quantize_for_export(model, options["qlinear"], options["lm_head"], options["qembedding"], options["group_size"])
+    if options.get("gptq_file"):
+        write_gptq_weights(model, GPTQResult.load(Path(options["gptq_file"])))
+    elif options.get("gptq"):
+        raise UserError("the program's GPTQ ran inside the export and was not saved: compare needs --gptq-file programs")
+    return model
 
 
 @torch.no_grad()
@@ -107,7 +114,7 @@ def markdown(result: dict, command: str) -> str:
         "",
         f"Machine and libraries: {result['environment']}. Program `{result['pte']}` (rotation `{result['options']['rotation']}`, "
         f"{result['options']['qlinear']} g{result['options']['group_size']}, embedding {result['options']['qembedding']}, "
-        f"lm_head {result['options']['lm_head']}). Text `{result['text']}` (sha256 `{result['text_sha256'][:16]}…`), "
+        f"lm_head {result['options']['lm_head']}{', GPTQ weights from `' + result['options']['gptq_file'] + '`' if result['options'].get('gptq_file') else ''}). Text `{result['text']}` (sha256 `{result['text_sha256'][:16]}…`), "
         f"first {result['windows']} windows of {result['seqlen']} tokens, teacher-forced.",
         "",
         "| model | perplexity | mean KL vs HF fp32 (nats) | top-1 agreement with HF fp32 |",

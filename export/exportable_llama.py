@@ -84,7 +84,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class RMSNorm(nn.Module):
     """Llama's RMSNorm for a float32 program: without transformers' dtype round trips (four graph
-    nodes per norm), and without the gain where rotation folded it into the next linears (all ones)."""
+    nodes per norm), and without the gain where rotation folded it into the next linears (all ones).
+    x * x, not x.pow(2): the same correctly rounded square, and in an ETDump of a decode step
+    ExecuTorch's portable pow kernel took about 10 µs per 576-float row, its mul about 1 µs."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -92,7 +94,7 @@ class RMSNorm(nn.Module):
         self.weight = None if bool((norm.weight == 1).all()) else norm.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
         return x if self.weight is None else x * self.weight
 
 

@@ -35,7 +35,7 @@ PRESET_ROTATIONS = ("none", "hadamard")
 DEFAULT_LEARNED = "learned=results/rotations/smollm2_w4a8.pt"
 # Every method names all its GPTQ choices, so a changed GPTQConfig default does not change a column.
 # None: quant.py's round to nearest with float32 scales (the fake-quant tables' RTN).
-PLAIN = dict(act_order=False, clip_search=False, act_bits=16)
+PLAIN = dict(act_order=False, clip_search=False, act_bits=16, asymmetric=0.0)
 METHODS: dict[str, dict | None] = {
     "rtn": None,
     "rtn-bf16": dict(PLAIN, method="rtn"),  # the integers and bf16 scales the RTN .pte holds
@@ -46,6 +46,9 @@ METHODS: dict[str, dict | None] = {
     "gptq-a8": dict(PLAIN, act_bits=8),
     "gptq-act-order-a8": dict(PLAIN, act_order=True, act_bits=8),
     "gptq-clip": dict(PLAIN, clip_search=True),
+    # GPTAQ-style asymmetric calibration (GPTQConfig.asymmetric): the full-precision model's outputs as each linear's target.
+    "gptaq-act-order-clip": dict(PLAIN, act_order=True, clip_search=True, asymmetric=0.5),
+    "gptaq-clip-a8": dict(PLAIN, clip_search=True, act_bits=8, asymmetric=0.5),
 }
 FAKE_QUANT = ("w4a16", "w4a8")
 
@@ -155,7 +158,9 @@ def gptq_line(results: dict) -> str:
             f"damping {c['damp']} × mean diagonal, block {c['block']}, scales {c['scale_dtype']} (the export's 8da4w layout). "
             "Methods: `rtn` quant.py's round to nearest, float32 scales; `rtn-bf16` the same in the export's layout (bf16 scales: "
             "the integers the RTN .pte holds); `-clip` per-group MSE clip search; `act-order` columns by decreasing Hessian "
-            "diagonal with static group scales; `-a8` Hessians from int8 per-token activations instead of full-precision ones. "
+            "diagonal with static group scales; `-a8` Hessians from int8 per-token activations instead of full-precision ones; "
+            "`gptaq` asymmetric calibration (GPTAQ): each linear's target is the full-precision model's output on its own "
+            "full-precision inputs, GPTQ of W' = W + 0.5·W(C − H)(H + λI)⁻¹ with C = 2X_fpᵀX̃/n (`GPTQConfig.asymmetric` 0.5). "
             f"GPTQ wall time per model, {results['jobs']} models at a time on the {results['device_name']} (so each waits for the "
             f"others): {wall_times(results)}.")
 
@@ -217,6 +222,18 @@ def findings(results: dict) -> list[str]:
     return [f"- {line}" for line in out]
 
 
+def provenance(results: dict) -> list[str]:
+    """Which cells this command measured and which it kept from earlier runs of the script (the json is resumable)."""
+    if not results.get("earlier_runs"):
+        return []
+    def cells(keys: list[str]) -> str:
+        return ", ".join(f"`{k}`" for k in keys)
+    lines = [f"This command measured {cells(results.get('measured', []))}; the other cells were kept from the json of earlier runs:"]
+    for run in results["earlier_runs"]:
+        lines.append(f"`{run['command']}` on the {run['device_name']} ({run['environment']}): {cells(run['cells'])}.")
+    return [" ".join(lines), ""]
+
+
 def markdown(results: dict) -> str:
     fp = results["rows"]["fp"]["fp"]
     learned = ", ".join(f"`{name}` = `{path}`" for name, path in results["learned"].items())
@@ -225,6 +242,7 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `{results['command']}`",
         "",
+        *provenance(results),
         f"Evaluation: `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), the first {results['max_windows']} windows "
         f"of {results['seqlen']} tokens. Fake-quant machine and libraries: {results['environment']}.",
         "",
@@ -266,6 +284,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 stays off)")
     p.add_argument("--save-gptq", type=Path, help="folder: every GPTQ result as ROTATION_METHOD.pt, for export.to_pte --gptq-file")
     p.add_argument("--output", type=Path, default=Path("results/gptq_smollm2"))
+    p.add_argument("--render", action="store_true", help="only rewrite the Markdown from the json (after a change of GPTQConfig's default)")
     args = p.parse_args()
     args.learned = args.learned or [DEFAULT_LEARNED]
     args.rotations = args.rotations or list(rotation_specs(args))
@@ -274,6 +293,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.render:
+        results = json.loads(args.output.with_suffix(".json").read_text())
+        write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
+        return
     text = read_text(args.text)
     for spec in rotation_specs(args).values():
         refuse_calibration_text(args.text, text_sha256(text), calibration_hashes(spec, args.calib_text))
@@ -282,13 +305,22 @@ def main() -> None:
         args.save_gptq.mkdir(parents=True, exist_ok=True)
     json_path = args.output.with_suffix(".json")
     results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
+    if "command" in results:  # resuming: the cells kept come from the earlier runs, recorded as such
+        results.setdefault("earlier_runs", []).append(
+            {k: results[k] for k in ("command", "device_name", "environment")} | {"cells": results.pop("measured", sorted(results["rows"]))})
+    kept = set(results["rows"])
     results.update(
         model=args.model, text=os.path.relpath(args.text), text_sha256=text_sha256(text), seqlen=args.seqlen, max_windows=args.max_windows,
         rotations=args.rotations, methods=args.methods, learned=dict(pair.partition("=")[::2] for pair in args.learned),
         device=args.device, device_name=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", jobs=args.jobs,
         environment=environment_line(), command="python scripts/gptq_table.py " + " ".join(sys.argv[1:]),
     )
-    measure_all(args, text, results["rows"], lambda rows: write_json_atomic(json_path, results))
+    results["measured"] = []
+    def save(rows: dict) -> None:
+        results["measured"] = sorted(set(rows) - kept)
+        write_json_atomic(json_path, results)
+    measure_all(args, text, results["rows"], save)
+    results["measured"] = sorted(set(results["rows"]) - kept)
     write_json_atomic(json_path, results)
     write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
     print(args.output.with_suffix(".md").read_text())

@@ -186,9 +186,10 @@ def test_layer_by_layer_forward_is_the_model_forward():
     assert torch.allclose(model.model.norm(torch.cat(inputs)), expected, atol=1e-5)
 
 
-def test_default_gptq_is_act_order_with_mse_clip():
+def test_default_gptq_is_gptaq_with_mse_clip_and_int8_inputs():
     """The default that beat round to nearest for every rotation of the demo model (results/gptq_smollm2.md)."""
-    assert GPTQConfig().act_order and GPTQConfig().clip_search and GPTQConfig().act_bits == 16
+    cfg = GPTQConfig()
+    assert not cfg.act_order and cfg.clip_search and cfg.act_bits == 8 and cfg.asymmetric == 0.5
     qc = setting("w4a8")
     default = gptq_request_from_args(parse_args(["--quant", "w4a8", "--w-gptq"]), qc).config
     assert default == GPTQConfig(seqlen=2048)
@@ -200,8 +201,8 @@ def test_act_order_with_clip_beats_plain_gptq_on_an_outlier_channel():
     """The unrotated model's case: one input channel far larger than the rest (H_ii ≫ the others)."""
     h, w = correlated_hessian(128, seed=3), random_weight(32, 128, seed=4)
     plain = gptq_quantize(w, h, GPTQConfig(act_order=False, clip_search=False)).dequantize()
-    default = gptq_quantize(w, h, GPTQConfig()).dequantize()
-    assert output_error(w, default, h) < output_error(w, plain, h)
+    act_order = gptq_quantize(w, h, GPTQConfig(act_order=True, clip_search=True)).dequantize()
+    assert output_error(w, act_order, h) < output_error(w, plain, h)
 
 
 def test_rtn_model_is_round_to_nearest_in_place():
@@ -218,7 +219,51 @@ def test_calibration_with_int8_inputs_changes_the_hessians_and_leaves_no_hooks()
     windows = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
     full, int8 = tiny_rotated_model(), tiny_rotated_model()
     int8.load_state_dict(full.state_dict())
-    a = gptq_model(full, windows, GPTQConfig(), torch.device("cpu"), progress=False)
+    a = gptq_model(full, windows, GPTQConfig(act_bits=16), torch.device("cpu"), progress=False)
     b = gptq_model(int8, windows, GPTQConfig(act_bits=8), torch.device("cpu"), progress=False)
     assert any(not torch.equal(a[n].qdata, b[n].qdata) for n in a)
     assert all(not m._forward_pre_hooks for m in int8.modules())
+
+
+def perturbed_inputs(n: int, tokens: int = 4096, noise: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-precision model's inputs to a linear and the quantized model's (the layers before add correlated error)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64) / math.sqrt(n) + torch.eye(n, dtype=torch.float64)
+    x_fp = torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix
+    x_fp[:, 3] *= 20
+    return x_fp, x_fp + noise * torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_asymmetric_calibration_fits_the_full_precision_output_better_than_gptq(act_order):
+    """GPTAQ's setting: the quantized model's inputs X̃ differ from the full-precision model's X_fp. Against the
+    full-precision output X_fp·Wᵀ, GPTQ of W' = W + a·W(C − H)(H + λI)⁻¹ errs less than plain GPTQ on X̃."""
+    w = random_weight(32, 128, seed=4)
+    x_fp, x_q = perturbed_inputs(128)
+    h, cross = 2 * x_q.T @ x_q / len(x_q), 2 * x_fp.T @ x_q / len(x_q)
+
+    def error(cfg: GPTQConfig) -> float:
+        q = gptq_quantize(w, h, cfg, cross).dequantize().double()
+        return (x_fp @ w.T - x_q @ q.T).pow(2).sum().item()
+
+    plain = error(GPTQConfig(act_order=act_order, asymmetric=0.0))
+    for a in (0.5, 1.0):
+        assert error(GPTQConfig(act_order=act_order, asymmetric=a)) < 0.97 * plain, a
+    # Same inputs in both models (C = H): the target is W itself, plain GPTQ exactly.
+    same = gptq_quantize(w, h, GPTQConfig(act_order=act_order, asymmetric=1.0), h)
+    assert torch.equal(same.qdata, gptq_quantize(w, h, GPTQConfig(act_order=act_order, asymmetric=0.0)).qdata)
+
+
+def test_model_gptaq_calibrates_against_the_full_precision_model_and_leaves_no_hooks():
+    windows = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    plain_model, gptaq_model = tiny_rotated_model(), tiny_rotated_model()
+    gptaq_model.load_state_dict(plain_model.state_dict())
+    plain = gptq_model(plain_model, windows, GPTQConfig(act_bits=16, asymmetric=0.0), torch.device("cpu"), progress=False)
+    gptaq = gptq_model(gptaq_model, windows, GPTQConfig(act_bits=16, asymmetric=0.5), torch.device("cpu"), progress=False)
+    # Layer 0's q/k/v see the embedding in both models: no asymmetry yet, the same integers.
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(plain[first].qdata, gptaq[first].qdata)
+    assert any(not torch.equal(plain[n].qdata, gptaq[n].qdata) for n in plain if n.startswith("model.layers.1."))
+    for name, qw in gptaq.items():
+        assert torch.equal(gptaq_model.get_submodule(name).weight, qw.dequantize())
+    assert all(not m._forward_pre_hooks for m in gptaq_model.modules())

@@ -164,3 +164,22 @@ def test_saved_tokenizer_keeps_the_chat_template(tiny_hf_dir, tmp_path):
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert reloaded.chat_template == tokenizer.chat_template
     assert reloaded("Robert Boulter")["input_ids"] == tokenizer("Robert Boulter")["input_ids"]
+
+
+def test_partition_cutting_still_sorts_a_graph_left_out_of_order():
+    import executorch.exir.lowered_backend_module as lowered
+
+    from export.program import is_topologically_sorted, legalize_only_out_of_order_graphs
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
+    assert is_topologically_sorted(gm.graph)
+    relu, tanh = [n for n in gm.graph.nodes if n.op == "call_module"]
+    tanh.append(relu)  # moves relu after its user
+    assert not is_topologically_sorted(gm.graph)
+    original = lowered.legalize_graph
+    with legalize_only_out_of_order_graphs():
+        in_order = torch.fx.symbolic_trace(torch.nn.ReLU())
+        graph = in_order.graph
+        assert lowered.legalize_graph(in_order).graph is graph  # nothing rebuilt
+        assert is_topologically_sorted(lowered.legalize_graph(gm).graph)
+    assert lowered.legalize_graph is original

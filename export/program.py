@@ -127,7 +127,9 @@ def delegate_linears(program: torch.export.ExportedProgram, constant_methods: di
     config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True, preserve_ops=[torch.ops.aten.linear.default])
     edge = to_edge(program, constant_methods=constant_methods, compile_config=config)
     with quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"), legalize_only_out_of_order_graphs():
-        return edge.to_backend(linear_partitioner())  # the logger: its to_backend deprecation notice
+        lowered = edge.to_backend(linear_partitioner())  # the logger: its to_backend deprecation notice
+    lowered.compile_config = config  # to_backend forgets it, and to_executorch would re-legalize dim orders
+    return lowered
 
 
 def emit_program(edge: EdgeProgramManager) -> ExecutorchProgramManager:

@@ -1,6 +1,6 @@
 """The .pte columns of results/gptq_smollm2.md: each rotation's GPTQ weights exported, then the program run.
 
-    python scripts/gptq_pte_table.py --gptq-dir out/gptq --method gptq-act-order-clip
+    python scripts/gptq_pte_table.py --gptq-dir out/gptq --method gptaq-clip-a8 --rotations learned
 
 The GPTQ files are those `scripts/gptq_table.py --save-gptq DIR` wrote (ROTATION_METHOD.pt, made on
 the GPU); each is exported by `python -m export.to_pte --gptq-file` in a fresh process, so the
@@ -8,8 +8,8 @@ program holds its integers and bf16 scales bit for bit, with the export's 8-bit 
 lm_head. The program's perplexity is computed by running it as scripts/export_table.py does (chunked
 prefill) on the table's windows. The RTN programs' perplexities are read from results/export_smollm2.json
 (the same export without --gptq-file, measured on this CPU; `--rtn-from REV` reads it as committed at
-REV), not re-measured. Adds a `pte` part to
-results/gptq_smollm2.json (resumable: rotations already there are kept) and regenerates the Markdown.
+REV), not re-measured. Adds the method's part to the `pte` parts of results/gptq_smollm2.json (one per
+GPTQ method; resumable: rotations already there are kept) and regenerates the Markdown.
 """
 
 import argparse
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from gptq_table import markdown
+from gptq_table import markdown, pte_parts
 from runner.pte import PteProgram
 from spinquant.environment import environment_line
 from spinquant.errors import UserError
@@ -46,13 +46,13 @@ def export(model: str, rotation: str, gptq_file: Path, out: Path) -> dict:
 def measure(results: dict, rotation: str, args: argparse.Namespace) -> dict:
     spec = {"none": "none", "hadamard": "hadamard", **results["learned"]}[rotation]
     gptq_file = args.gptq_dir / f"{rotation}_{args.method}.pt"
-    out = args.work_dir / rotation
+    out = args.work_dir / args.method / rotation
     exported = export(results.get("model", "smollm2-135m"), spec, gptq_file, out)
     program = PteProgram(out / "model.pte")
     text = read_text(Path(results["text"]))
     if text_sha256(text) != results["text_sha256"]:
         raise UserError(f"{results['text']} is not the text the fake-quant table was measured on (sha256 differs)")
-    windows = token_windows(AutoTokenizer.from_pretrained(out), text, results["seqlen"], results["max_windows"])
+    windows = token_windows(AutoTokenizer.from_pretrained(out), text, results["seqlen"], results["max_windows"], results.get("first_window", 0))
     start = time.time()
     ppl = perplexity_of(program.prefill_logits, windows)
     report = exported["report"]
@@ -88,11 +88,11 @@ def main() -> None:
     json_path = args.output.with_suffix(".json")
     results = json.loads(json_path.read_text())
     rtn, source = rtn_from_export_table(args.rtn_from)
-    pte = results.get("pte") if results.get("pte", {}).get("method") == args.method else None
-    pte = pte or {"method": args.method, "rows": {}}
+    parts = pte_parts(results)
+    pte = parts.setdefault(args.method, {"method": args.method, "rows": {}})
     pte.update(rtn=rtn, rtn_source=source, environment=environment_line(),
                command=("python scripts/gptq_pte_table.py " + " ".join(sys.argv[1:])).strip())
-    results["pte"] = pte
+    results["pte"] = parts
     for rotation in args.rotations or results["rotations"]:
         if rotation not in pte["rows"]:
             pte["rows"][rotation] = measure(results, rotation, args)

@@ -4,7 +4,8 @@
         --learned learned=results/rotations/smollm2_w4a8.pt --learned learned-w16a8=results/rotations/smollm2_w16a8.pt
 
 Each cell is `spinquant.eval`'s own path (eval.quantized_model): load, rotate, weights by RTN or by
-GPTQ on the calibration text, then perplexity on the first windows of the evaluation text twice:
+GPTQ on the calibration text, then perplexity on windows of the evaluation text (the first ones, or
+from `--first-window` on: a held-out check on windows no method was chosen on) twice:
 weights only (W4A16), then with int8 per-token activations (W4A8, fake quantization). GPTQ's
 weights do not depend on the evaluation's activations, so the two columns isolate what activation
 quantization does to each method. Cells run in `--jobs` processes (GPTQ's column loop is many small
@@ -66,7 +67,7 @@ def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> 
     start = time.time()
     spec = rotation_specs(args)[rotation]
     loaded, result = quantized_model(args.model, spec, setting("w4a16"), device=args.device, gptq=request_for(method, args))
-    windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows)
+    windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows, args.first_window)
     row = {"w4a16": perplexity(loaded.model, windows, progress=False)}
     quantize_model(loaded.model, setting("w4a8", w_bits=16))  # activations only: the weights are already quantized
     row["w4a8"] = perplexity(loaded.model, windows, progress=False)
@@ -81,7 +82,8 @@ def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> 
 def measure_fp(args: argparse.Namespace, text: str) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     loaded, _ = quantized_model(args.model, "none", setting("fp"), device=args.device)
-    return {"fp": perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows), progress=False)}
+    windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows, args.first_window)
+    return {"fp": perplexity(loaded.model, windows, progress=False)}
 
 
 def rotation_specs(args: argparse.Namespace) -> dict[str, str]:
@@ -116,11 +118,26 @@ def table(results: dict, column: str) -> list[str]:
     return lines
 
 
-def pte_table(results: dict) -> list[str]:
-    """The programs' own perplexity (this file's `pte` part, from scripts/gptq_pte_table.py)."""
-    pte = results.get("pte")
-    if not pte:
-        return ["The .pte columns are not measured yet: `python scripts/gptq_pte_table.py` adds them."]
+def windows_phrase(results: dict) -> str:
+    first, n = results.get("first_window", 0), results["max_windows"]
+    return f"the first {n} windows" if first == 0 else f"windows {first}–{first + n - 1} (0-based; the first {first} left out)"
+
+
+def pte_parts(results: dict) -> dict[str, dict]:
+    """The json's `pte` part (scripts/gptq_pte_table.py) by GPTQ method; a json of one method's part is read as such."""
+    pte = results.get("pte") or {}
+    return {pte["method"]: pte} if "method" in pte else pte
+
+
+def pte_tables(results: dict) -> list[str]:
+    lines = []
+    for pte in pte_parts(results).values():
+        lines += [f"### `{pte['method']}`", "", *pte_table(results, pte), ""]
+    return lines
+
+
+def pte_table(results: dict, pte: dict) -> list[str]:
+    """The programs' own perplexity with one GPTQ method's integers."""
     method, rows = pte["method"], results["rows"]
     lines = [
         f"Command: `{pte['command']}`",
@@ -191,11 +208,13 @@ def findings(results: dict) -> list[str]:
     fp = rows["fp"]["fp"]
     gptq = [m for m in results["methods"] if METHODS[m] is not None and METHODS[m].get("method", "gptq") == "gptq"
             and all(f"{r}/{m}" in rows for r in rotations)]
-    winners = [m for m in gptq if beats_rtn(rows, rotations, m)]
+    has_rtn = all(f"{r}/{rtn}" in rows for r in rotations for rtn in ("rtn", "rtn-bf16"))
+    winners = [m for m in gptq if has_rtn and beats_rtn(rows, rotations, m)]
     best = min(((r, m) for r in rotations for m in gptq), key=lambda c: rows[f"{c[0]}/{c[1]}"]["w4a8"])
     best_ppl = rows[f"{best[0]}/{best[1]}"]["w4a8"]
     out = [
-        f"GPTQ methods below RTN (float32 and bf16 scales) for every rotation at W4A8: {', '.join(f'`{m}`' for m in winners) or 'none'}; "
+        f"GPTQ methods below RTN (float32 and bf16 scales) for every rotation at W4A8: "
+        f"{(', '.join(f'`{m}`' for m in winners) or 'none') if has_rtn else 'RTN not measured'}; "
         f"the default (`GPTQConfig()`, what `spinquant.eval --w-gptq` and `export.to_pte --gptq` run) is `{default_method()}`.",
         f"Best fake-quant W4A8: {best[0]} with `{best[1]}`, {best_ppl:.2f}, {best_ppl / fp - 1:+.1%} from full precision {fp:.2f} "
         f"(bar: within 5%, {fp * 1.05:.2f}): {'met' if best_ppl <= fp * 1.05 else 'NOT met'}.",
@@ -213,11 +232,10 @@ def findings(results: dict) -> list[str]:
             f"{rtn['w4a8']:.2f} at W4A8; it loses at {' and '.join(q.upper() for q in loses) or 'neither'}. "
             + ("Losing without activation quantization too, it is the weights' own rounding, not the int8 activations."
                if "w4a16" in loses else "").strip())
-    pte = results.get("pte", {}).get("rows", {})
-    if pte:
-        r = min(pte, key=lambda k: pte[k]["pte_perplexity"])
-        ppl = pte[r]["pte_perplexity"]
-        out.append(f"Best .pte: {r} with `{results['pte']['method']}`, {ppl:.2f}, {ppl / fp - 1:+.1%} from full precision "
+    programs = [(r, m, row["pte_perplexity"]) for m, pte in pte_parts(results).items() for r, row in pte["rows"].items()]
+    if programs:
+        r, m, ppl = min(programs, key=lambda p: p[2])
+        out.append(f"Best .pte: {r} with `{m}`, {ppl:.2f}, {ppl / fp - 1:+.1%} from full precision "
                    f"(bar {fp * 1.05:.2f}): {'met' if ppl <= fp * 1.05 else 'NOT met'}.")
     return [f"- {line}" for line in out]
 
@@ -243,7 +261,7 @@ def markdown(results: dict) -> str:
         f"Command: `{results['command']}`",
         "",
         *provenance(results),
-        f"Evaluation: `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), the first {results['max_windows']} windows "
+        f"Evaluation: `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), {windows_phrase(results)} "
         f"of {results['seqlen']} tokens. Fake-quant machine and libraries: {results['environment']}.",
         "",
         f"Full precision: {fp:.2f}. Rotations: `none`, `hadamard` (random Hadamard R1/R2 + R4, seed 0), {learned}. "
@@ -259,10 +277,7 @@ def markdown(results: dict) -> str:
         "",
         gptq_line(results),
         "",
-        "## The exported programs",
-        "",
-        *pte_table(results),
-        "",
+        *(["## The exported programs", "", *pte_tables(results)] if pte_parts(results) else []),
         "## What the tables show",
         "",
         *findings(results),
@@ -279,6 +294,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--first-window", type=int, default=0, help="0-based index of the first evaluation window (default 0)")
     p.add_argument("--gptq-windows", type=int, default=128)
     p.add_argument("--jobs", type=int, default=1, help="cells measured at a time, each in its own process")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; TF32 stays off)")
@@ -305,12 +321,17 @@ def main() -> None:
         args.save_gptq.mkdir(parents=True, exist_ok=True)
     json_path = args.output.with_suffix(".json")
     results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
+    for key in ("first_window", "max_windows"):  # resumed cells must be measured on the same windows
+        if results["rows"] and results.get(key, 0 if key == "first_window" else None) != getattr(args, key):
+            sys.exit(f"{json_path} was measured with --{key.replace('_', '-')} {results.get(key, 0)}; "
+                     f"resume it with the same, or write another --output")
     if "command" in results:  # resuming: the cells kept come from the earlier runs, recorded as such
         results.setdefault("earlier_runs", []).append(
             {k: results[k] for k in ("command", "device_name", "environment")} | {"cells": results.pop("measured", sorted(results["rows"]))})
     kept = set(results["rows"])
     results.update(
         model=args.model, text=os.path.relpath(args.text), text_sha256=text_sha256(text), seqlen=args.seqlen, max_windows=args.max_windows,
+        first_window=args.first_window,
         rotations=args.rotations, methods=args.methods, learned=dict(pair.partition("=")[::2] for pair in args.learned),
         device=args.device, device_name=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", jobs=args.jobs,
         environment=environment_line(), command="python scripts/gptq_table.py " + " ".join(sys.argv[1:]),

@@ -51,15 +51,17 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    """(windows, seqlen) token ids; the tail shorter than a window is dropped, as the field does."""
+def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, max_windows: int | None, first: int = 0) -> torch.Tensor:
+    """(windows, seqlen) token ids from window `first` on (0-based); the tail shorter than a window is dropped, as the field does."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    n = ids.numel() // seqlen
-    if n == 0:
-        raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if first < 0:
+        raise UserError(f"the first window must be 0 or more, not {first}")
+    n = ids.numel() // seqlen - first
+    if n <= 0:
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than {'one window' if first == 0 else f'{first + 1} windows'} of {seqlen}")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seqlen].view(n, seqlen)
+    return ids[first * seqlen : (first + n) * seqlen].view(n, seqlen)
 
 
 @torch.no_grad()

@@ -30,6 +30,16 @@ def test_windows_are_non_overlapping_and_tail_dropped(tiny_hf_dir):
         token_windows(tok, "a b", 64, None)
 
 
+def test_windows_can_start_after_the_first(tiny_hf_dir):
+    tok = load_model(str(tiny_hf_dir)).tokenizer
+    text = (tiny_hf_dir.parent / "text.txt").read_text()
+    every = token_windows(tok, text, 16, None)
+    assert torch.equal(token_windows(tok, text, 16, 3, first=2), every[2:5])
+    assert torch.equal(token_windows(tok, text, 16, None, first=2), every[2:])
+    with pytest.raises(UserError, match=f"fewer than {len(every) + 1} windows"):
+        token_windows(tok, text, 16, None, first=len(every))
+
+
 def test_cli_on_local_hf_dir_writes_json(tiny_hf_dir, tmp_path):
     out = tmp_path / "r.json"
     args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64"]

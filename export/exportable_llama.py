@@ -10,6 +10,7 @@ q/k/v and gate/up read the same input, so each set runs as one linear whose outp
 theirs stacked: per-token activation scales and per-row weight scales make that exactly the
 same arithmetic, with one quantized GEMM (and one activation quantization) instead of three or
 two. That takes 7 XNNPACK partitions per layer down to 4, and the lowering's time with them.
+Quantized linears are traced through export/per_token_ops.py's spelling of torchao's own.
 """
 
 import torch
@@ -18,6 +19,7 @@ from transformers import LlamaForCausalLM
 
 import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers torch.ops.llama.*)
 
+from export.per_token_ops import per_token_linear
 from spinquant.rotation import head_dim
 
 
@@ -44,7 +46,8 @@ class CachedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, max_seq_len: int):
         super().__init__()
-        self.qkv_proj, self.o_proj = fused_linear(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj
+        self.qkv_proj = per_token_linear(fused_linear(attn.q_proj, attn.k_proj, attn.v_proj))
+        self.o_proj = per_token_linear(attn.o_proj)
         self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, attn.scaling
         self.register_buffer("k_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
         self.register_buffer("v_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
@@ -65,7 +68,8 @@ class FusedMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
-        self.gate_up_proj, self.down_proj, self.act_fn = fused_linear(mlp.gate_proj, mlp.up_proj), mlp.down_proj, mlp.act_fn
+        self.gate_up_proj = per_token_linear(fused_linear(mlp.gate_proj, mlp.up_proj))
+        self.down_proj, self.act_fn = per_token_linear(mlp.down_proj), mlp.act_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -105,7 +109,7 @@ class ExportableLlama(nn.Module):
         super().__init__()
         config = model.config
         head = head_dim(config)
-        self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, RMSNorm(model.model.norm), model.lm_head
+        self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, RMSNorm(model.model.norm), per_token_linear(model.lm_head)
         self.rotary_emb = model.model.rotary_emb
         self.max_seq_len = max_seq_len
         self.input_norms = nn.ModuleList(RMSNorm(layer.input_layernorm) for layer in model.model.layers)

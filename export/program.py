@@ -21,7 +21,6 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 from export.exportable_llama import ExportableLlama
-from export.per_token_ops import respell_per_token_quant
 
 END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 
@@ -123,7 +122,6 @@ def delegate_linears(program: torch.export.ExportedProgram, constant_methods: di
     # Keeping aten.linear whole is all the partitioner needs from the decomposition. Dim-order ops
     # are skipped: a float32 program of contiguous tensors has nothing for them to say, and their
     # pass is one more re-trace of the whole graph.
-    respell_per_token_quant(program)
     config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True, preserve_ops=[torch.ops.aten.linear.default])
     edge = to_edge(program, constant_methods=constant_methods, compile_config=config)
     with quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"), legalize_only_out_of_order_graphs():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from export_1b_shape import LLAMA_32_1B
+from export_time import LLAMA_32_1B
 from spinquant.cayley import CayleySGD
 from spinquant.environment import environment_line
 from spinquant.files import write_atomic

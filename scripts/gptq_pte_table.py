@@ -87,7 +87,10 @@ def main() -> None:
     args = p.parse_args()
     json_path = args.output.with_suffix(".json")
     results = json.loads(json_path.read_text())
-    rtn, source = rtn_from_export_table(args.rtn_from)
+    if results.get("first_window", 0) == 0:
+        rtn, source = rtn_from_export_table(args.rtn_from)
+    else:  # the export table's RTN programs were run on the first windows, not these
+        rtn, source = {}, "not measured on these windows (results/export_smollm2.json ran the first ones)"
     parts = pte_parts(results)
     pte = parts.setdefault(args.method, {"method": args.method, "rows": {}})
     pte.update(rtn=rtn, rtn_source=source, environment=environment_line(),

@@ -336,13 +336,11 @@ def main() -> None:
         device=args.device, device_name=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", jobs=args.jobs,
         environment=environment_line(), command="python scripts/gptq_table.py " + " ".join(sys.argv[1:]),
     )
-    results["measured"] = []
     def save(rows: dict) -> None:
         results["measured"] = sorted(set(rows) - kept)
         write_json_atomic(json_path, results)
     measure_all(args, text, results["rows"], save)
-    results["measured"] = sorted(set(results["rows"]) - kept)
-    write_json_atomic(json_path, results)
+    save(results["rows"])
     write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
     print(args.output.with_suffix(".md").read_text())
 

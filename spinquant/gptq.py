@@ -28,6 +28,7 @@ import hashlib
 import io
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,33 +172,33 @@ def round_to_nearest(weight: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
     return QuantizedWeight(q.to(torch.int8), scales)
 
 
-def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """U with UᵀU = (H + λI)⁻¹, λ = damp · mean diag(H); λ grows tenfold until both factorizations succeed."""
+def damped(h: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
+    """H + λI, λ = damp · mean diag(H), growing tenfold at each try the caller asks for; too many is an error."""
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = h.diagonal().mean()
     ratio = damp
     for _ in range(CHOLESKY_TRIES):
-        lower, info = torch.linalg.cholesky_ex(h + ratio * mean_diag * eye)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper
+        yield h + ratio * mean_diag * eye
         ratio = ratio * 10 if ratio > 0 else 1e-4
     raise UserError(f"the Hessian stays singular even with damping {ratio / 10:g} × its mean diagonal")
 
 
+def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """U with UᵀU = (H + λI)⁻¹; λ grows until both factorizations succeed."""
+    for h_damped in damped(h, damp):
+        lower, info = torch.linalg.cholesky_ex(h_damped)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper
+
+
 def asymmetric_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
     """W' = W + a·W(C − H)(H + λI)⁻¹: GPTQ of W' on H minimises ‖X_fp Wᵀ − X̃ Qᵀ‖² (+ the ridge term λ‖Q − W'‖²)."""
-    n = hessian.shape[0]
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
-    ratio = max(cfg.damp, 1e-6)
-    for _ in range(CHOLESKY_TRIES):
-        lower, info = torch.linalg.cholesky_ex(hessian + ratio * hessian.diagonal().mean() * eye)
+    for h_damped in damped(hessian, max(cfg.damp, 1e-6)):
+        lower, info = torch.linalg.cholesky_ex(h_damped)
         if info == 0:
             break
-        ratio *= 10
-    else:
-        raise UserError(f"the Hessian stays singular even with damping {ratio / 10:g} × its mean diagonal")
     # (H + λI)⁻¹ (C − H)ᵀ Wᵀ, transposed: H is symmetric.
     correction = torch.cholesky_solve((cross - hessian).T @ w.T, lower).T
     return w + cfg.asymmetric * correction

@@ -163,40 +163,60 @@ inline void butterfly(const C* src, C* dst, int64_t m, C scale) {
   stages(dst, m, block, m);
 }
 
-// H_K transposed as ±1 values of type C, entry [c·K + a] = H_K[a][c], built once per process:
-// the hot loop then reads signs contiguously with no branch.
-template <typename C>
-const C* transposed_signs(const HadamardSize& size) {
+// Where in multiply_k's staged sums each output finds its signed sum of a quad of inputs:
+// entry [c·(K/4) + q] is the byte offset of sums[q][bits][0], where bit j of `bits` is set when
+// H_K[4q + j][c] = -1. Built once per process and table, so the hot loop reads one offset per
+// output and quad, with no branch and no index arithmetic.
+template <int kVecs, typename V>
+const uint16_t* quad_offsets(const HadamardSize& size) {
+  static_assert(kMaxTableK / 4 * 16 * kVecs * sizeof(V) <= UINT16_MAX);
   constexpr int kTables = sizeof(kHadamardTables) / sizeof(kHadamardTables[0]);
   static std::once_flag once[kTables];
-  static std::unique_ptr<C[]> values[kTables];
+  static std::unique_ptr<uint16_t[]> values[kTables];
   const int t = int(std::find_if(std::begin(kHadamardTables), std::end(kHadamardTables),
                                  [&](const HadamardTable& h) { return h.k == size.k; }) -
                     std::begin(kHadamardTables));
   std::call_once(once[t], [&] {
-    const int k = size.k;
-    values[t].reset(new C[k * k]);
-    for (int a = 0; a < k; ++a) {
-      for (int c = 0; c < k; ++c) values[t][c * k + a] = size.signs[a * k + c] == '+' ? C(1) : C(-1);
+    const int k = size.k, quads = k / 4;
+    values[t].reset(new uint16_t[k * quads]);
+    for (int c = 0; c < k; ++c) {
+      for (int q = 0; q < quads; ++q) {
+        int bits = 0;
+        for (int j = 0; j < 4; ++j) bits |= int(size.signs[(4 * q + j) * k + c] == '-') << j;
+        values[t][c * quads + q] = uint16_t((q * 16 + bits) * kVecs * sizeof(V));
+      }
     }
   });
   return values[t].get();
 }
 
+// p[bits] ← Σ_j ±x_j, minus where bit j of `bits` is set: all 16 signed sums of four vectors
+// in 12 additions and 8 negations.
+template <typename V>
+inline void signed_sums(V x0, V x1, V x2, V x3, V* p) {
+  const V s01 = x0 + x1, d01 = x0 - x1, s23 = x2 + x3, d23 = x2 - x3;
+  p[0b0000] = s01 + s23, p[0b0100] = s01 - d23, p[0b1000] = s01 + d23, p[0b1100] = s01 - s23;
+  p[0b0010] = d01 + s23, p[0b0110] = d01 - d23, p[0b1010] = d01 + d23, p[0b1110] = d01 - s23;
+  for (int bits = 1; bits < 16; bits += 2) p[bits] = -p[bits ^ 0b1111];
+}
+
 // v ← v · (H_K ⊗ I_m): out[c·m + d] = Σ_a H_K[a][c] · v[a·m + d]. Column c of H_K meets the K
-// index because (H_K ⊗ S)[(a,b),(c,d)] = H_K[a,c]·S[b,d]. A small matrix product, blocked like a
-// GEMM micro-kernel: a span of two vectors of columns d is staged, and four outputs c share
-// each staged load, so eight accumulators stay in registers (plain arrays spilled to the stack).
+// index because (H_K ⊗ S)[(a,b),(c,d)] = H_K[a,c]·S[b,d]. H_K holds only ±1, so the 16 signed
+// sums of each quad of inputs are formed once and every output adds one of them per quad:
+// K²/4 + 5K additions instead of K² multiply-adds (every supported K is a multiple of 4).
+// Blocked like a GEMM micro-kernel: a span of two vectors of columns d is staged, and four
+// outputs c share the staged sums, so eight accumulators stay in registers.
 template <typename C>
 inline void multiply_k(C* v, const HadamardSize& size) {
   using V = typename Vec<C>::type;
   constexpr int kVecs = 2;
   constexpr int64_t kSpan = kVecs * Vec<C>::kLanes;
-  constexpr int kOuts = 4;  // every supported K is a multiple of 4
-  const int k = size.k;
+  constexpr int kOuts = 4;
+  const int k = size.k, quads = k / 4;
   const int64_t m = size.m;
-  const C* signs = transposed_signs<C>(size);
+  const uint16_t* offsets = quad_offsets<kVecs, V>(size);
   V in[kMaxTableK * kVecs];
+  V sums[kMaxTableK / 4 * 16 * kVecs];  // [quad][bits][vec]
   for (int64_t d0 = 0; d0 < m; d0 += kSpan) {
     // A span shorter than kSpan happens only when m < kSpan; constant-size copies otherwise,
     // which compile to vector moves rather than library calls.
@@ -207,12 +227,20 @@ inline void multiply_k(C* v, const HadamardSize& size) {
     } else {
       for (int a = 0; a < k; ++a) std::memcpy(&in[a * kVecs], v + a * m + d0, sizeof(V) * kVecs);
     }
+    for (int q = 0; q < quads; ++q) {
+      for (int u = 0; u < kVecs; ++u) {
+        V p[16];
+        const V* x = in + 4 * q * kVecs + u;
+        signed_sums(x[0], x[kVecs], x[2 * kVecs], x[3 * kVecs], p);
+        for (int bits = 0; bits < 16; ++bits) sums[(q * 16 + bits) * kVecs + u] = p[bits];
+      }
+    }
     for (int c = 0; c < k; c += kOuts) {
       V acc[kOuts][kVecs] = {};
-      for (int a = 0; a < k; ++a) {
+      for (int q = 0; q < quads; ++q) {
         for (int o = 0; o < kOuts; ++o) {
-          const C s = signs[(c + o) * k + a];
-          for (int u = 0; u < kVecs; ++u) acc[o][u] += s * in[a * kVecs + u];
+          const V* s = reinterpret_cast<const V*>(reinterpret_cast<const char*>(sums) + offsets[(c + o) * quads + q]);
+          for (int u = 0; u < kVecs; ++u) acc[o][u] += s[u];
         }
       }
       for (int o = 0; o < kOuts; ++o) {

@@ -70,16 +70,31 @@ inline typename Vec<C>::type lane_stages(typename Vec<C>::type x) {
   }
 }
 
-// dst ← src·scale with every stage shorter than a vector applied (m a multiple of kLanes):
-// the copy, the scale and the lane-mixing stages in one pass. src may equal dst.
-template <typename C>
+// dst ← src·scale with every stage shorter than G vectors applied (m a multiple of G·kLanes):
+// the copy, the scale, the lane-mixing stages and G's stages across vectors in one pass, the G
+// vectors held in registers. src may equal dst.
+template <typename C, int G>
 inline void first_pass(const C* src, C* dst, int64_t m, C scale) {
   using V = typename Vec<C>::type;
-  for (int64_t i = 0; i < m; i += Vec<C>::kLanes) {
-    V x;
-    std::memcpy(&x, src + i, sizeof(V));
-    x = lane_stages<C>(x) * scale;
-    std::memcpy(dst + i, &x, sizeof(V));
+  constexpr int64_t span = G * Vec<C>::kLanes;
+  for (int64_t i = 0; i < m; i += span) {
+    V x[G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      std::memcpy(&x[g], src + i + g * Vec<C>::kLanes, sizeof(V));
+      x[g] = lane_stages<C>(x[g]) * scale;
+    }
+#pragma GCC unroll 8
+    for (int h = 1; h < G; h *= 2) {
+#pragma GCC unroll 8
+      for (int g = 0; g < G; ++g) {
+        if (g & h) continue;
+        const V a = x[g], b = x[g + h];
+        x[g] = a + b, x[g + h] = a - b;
+      }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) std::memcpy(dst + i + g * Vec<C>::kLanes, &x[g], sizeof(V));
   }
 }
 
@@ -156,9 +171,15 @@ inline void butterfly(const C* src, C* dst, int64_t m, C scale) {
     return;
   }
   const int64_t block = std::min(m, kBlock);
+  const int64_t group = std::min<int64_t>(m / lanes, 8);
   for (int64_t b = 0; b < m; b += block) {
-    first_pass(src + b, dst + b, block, scale);
-    stages(dst + b, block, lanes, block);
+    switch (group) {
+      case 8: first_pass<C, 8>(src + b, dst + b, block, scale); break;
+      case 4: first_pass<C, 4>(src + b, dst + b, block, scale); break;
+      case 2: first_pass<C, 2>(src + b, dst + b, block, scale); break;
+      default: first_pass<C, 1>(src + b, dst + b, block, scale); break;
+    }
+    stages(dst + b, block, lanes * group, block);
   }
   stages(dst, m, block, m);
 }

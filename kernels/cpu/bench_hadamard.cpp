@@ -4,7 +4,9 @@
 //   bench_hadamard <n> <rows> [threads]
 //
 // prints "<what> <threads> <seconds per call>" lines, what being "ours" or "memcpy" (float32):
-// ours on one thread, then on the thread pool, resized to `threads` when given.
+// ours on one thread, then on the thread pool, resized to `threads` when given; and a last line
+// "vector_add 1 <seconds>", the time of one 32-byte vector addition at full throughput, from
+// which the benchmark draws its arithmetic floor.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -18,6 +20,7 @@
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include "hadamard_transform.h"
 #include "op_hadamard_transform.h"
 
 // threadpool.h is not in the wheel; these declare two functions libexecutorch_threadpool.so
@@ -58,6 +61,28 @@ double seconds_per_call(const std::function<void()>& call) {
   return best;
 }
 
+// Eight independent chains of vector additions keep every adder busy; float additions cannot be
+// reassociated without -ffast-math, so the compiler keeps every one of them.
+double seconds_per_vector_add(float step) {
+  using V = spinquant::detail::Vec<float>::type;
+  constexpr int kChains = 8;
+  constexpr long kIterations = 1L << 22;
+  V acc[kChains] = {};
+  const V inc = V{} + step;
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (long i = 0; i < kIterations; ++i) {
+      for (int c = 0; c < kChains; ++c) acc[c] += inc;
+    }
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  float sink = 0;
+  for (const V& a : acc) sink += a[0];
+  if (sink == -1.0f) std::printf("%g\n", sink);  // the sums are used, so they are computed
+  return best / (kIterations * kChains);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -96,5 +121,6 @@ int main(int argc, char** argv) {
   std::printf("ours %lld %.9g\n", static_cast<long long>(executorch::extension::get_thread_count()),
               seconds_per_call(ours));
   std::printf("memcpy 1 %.9g\n", seconds_per_call(copy));
+  std::printf("vector_add 1 %.9g\n", seconds_per_vector_add(x_data[0]));
   return ctx.failure_state() == executorch::runtime::Error::Ok ? 0 : 1;
 }

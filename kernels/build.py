@@ -106,7 +106,7 @@ def executorch_cmake_prefix() -> Path:
 
 
 def build_dir() -> Path:
-    """The build directory holding the library, test_hadamard and bench_hadamard; built if missing."""
+    """The build directory holding the library, the C++ tests and bench_hadamard; built if missing."""
     options = [f"-DCMAKE_PREFIX_PATH={executorch_cmake_prefix()}"]
     return cmake_build_once("the spinquant kernels", SOURCE_DIR, BUILD_ROOT, source_hash(), LIBRARY, options)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the C++ kernel test (kernels/cpu/test_hadamard.cpp) with AddressSanitizer and
+# Build the C++ tests (kernels/cpu/test_transform.cpp, test_hadamard.cpp) with AddressSanitizer and
 # UndefinedBehaviorSanitizer, and run it. The build is incremental: a rerun recompiles only what
 # changed. Set PYTHON to pick the interpreter whose executorch and cmake packages to use.
 set -euo pipefail
@@ -10,5 +10,8 @@ cmake=$("$python" -c "import cmake; print(cmake.CMAKE_BIN_DIR)")/cmake
 build=kernels/cpu/build/sanitize
 "$cmake" -S kernels/cpu -B "$build" -DSPINQUANT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCMAKE_PREFIX_PATH="$prefix" > "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
-"$cmake" --build "$build" --target test_hadamard -j "$(nproc)" >> "$build.log" 2>&1 || { cat "$build.log"; exit 1; }
-UBSAN_OPTIONS=print_stacktrace=1 "$build/test_hadamard"
+"$cmake" --build "$build" --target test_transform test_hadamard -j "$(nproc)" >> "$build.log" 2>&1 \
+  || { cat "$build.log"; exit 1; }
+for test in test_transform test_hadamard; do
+  UBSAN_OPTIONS=print_stacktrace=1 "$build/$test"
+done

@@ -247,3 +247,22 @@ def test_transform_on_arm64_neon_matches_dense(tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     result = subprocess.run([QEMU_ARM64, str(binary)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("ok:"), result.stdout[-3000:]
+
+
+@pytest.mark.skipif(not ARM64_CXX, reason="needs g++-aarch64-linux-gnu (apt)")
+def test_kernel_library_cross_compiles_for_arm64(tmp_path):
+    """The static target an Android app links whole-archive builds for arm64 against the wheel's
+    ExecuTorch headers (no arm64 ExecuTorch runtime here to link or run it against)."""
+    cmake = kernels.build.find_cmake()
+    configure = [
+        cmake, "-S", str(kernels.build.SOURCE_DIR), "-B", str(tmp_path),
+        f"-DCMAKE_PREFIX_PATH={kernels.build.executorch_cmake_prefix()}",
+        "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_CXX_COMPILER={ARM64_CXX}",
+    ]
+    for command in (configure, [cmake, "--build", str(tmp_path), "--target", "spinquant_kernels_static"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    archive = (tmp_path / "libspinquant_kernels_static.a").read_bytes()
+    elf = archive.find(b"\x7fELF")
+    assert int.from_bytes(archive[elf + 18 : elf + 20], "little") == 183  # e_machine: EM_AARCH64
+    assert b"hadamard_transform.out" in archive  # the registration came along

@@ -161,6 +161,12 @@ def gbps(n: int, rows: int, seconds: float) -> str:
     return f"{2 * rows * n * 4 / seconds / 1e9:.1f}"  # float32 read once and written once
 
 
+def keep_best(row: dict, times: dict[str, float]) -> None:
+    """Each time of `row` becomes the least of it and the same key's time in `times` (another round)."""
+    for key, seconds in times.items():
+        row[key] = min(row[key], seconds)
+
+
 def measure(rounds: int) -> tuple[list[dict], list[str]]:
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers llama:: ops)
 
@@ -183,8 +189,7 @@ def measure(rounds: int) -> tuple[list[dict], list[str]]:
     # more between minutes than within one bench_hadamard call.
     for _ in range(rounds - 1):
         for r in rows_out:
-            for key, seconds in direct_times(r["n"], r["rows"]).items():
-                r[key] = min(r[key], seconds)
+            keep_best(r, direct_times(r["n"], r["rows"]))
     refused = {r["n"] for r in rows_out if r["pte_et"] is None}
     return rows_out, [executorch_op_accuracy(n, n in refused) for n in (1536, 14336)]
 
@@ -220,9 +225,7 @@ def read_idle_host_log(path: Path) -> tuple[list[str], list[dict]]:
             times = {"ours_1": float(one), f"ours_{threads}": float(pool), "memcpy": float(copy)}
             if add is not None:
                 times["vector_add"] = float(add)
-            seen = best.setdefault((int(n), int(k)), {"n": int(n), "rows": int(k), **times})
-            for key, seconds in times.items():
-                seen[key] = min(seen[key], seconds)
+            keep_best(best.setdefault((int(n), int(k)), {"n": int(n), "rows": int(k), **times}), times)
         elif line.strip():
             header.append(line.strip().lstrip("# "))
     return header, list(best.values())

@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from export.options import ExportOptions
 from spinquant.errors import UserError
-from spinquant.eval import DEFAULT_CALIB
+from spinquant.data import calibration_text
 from spinquant.gptq import GPTQConfig, GPTQResult, QuantizedWeight, rotation_id, run_gptq
 
 
@@ -26,7 +26,7 @@ def gptq_for_export(opts: ExportOptions, model: LlamaForCausalLM, tokenizer: Pre
         return result
     if opts.gptq:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return run_gptq(model, tokenizer, DEFAULT_CALIB, GPTQConfig(group=opts.group_size, windows=opts.gptq_windows), device, opts.model, rotation)
+        return run_gptq(model, tokenizer, calibration_text(), GPTQConfig(group=opts.group_size, windows=opts.gptq_windows), device, opts.model, rotation)
     return None
 
 

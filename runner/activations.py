@@ -15,7 +15,7 @@ import torch
 
 from export.options import default_rotation
 from spinquant.errors import UserError, one_line_errors
-from spinquant.eval import DEFAULT_TEXT, read_text, token_windows
+from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.models import load_model
 from spinquant.rotation import apply_rotations, quantized_input_linear, rotations_for
 
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rotation", help="as export.to_pte (default: its default for the model)")
     p.add_argument("--layer", type=int, help="default: the layer whose down_proj input has the largest outlier")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--output", type=Path, default=Path("results/activations.png"))
     return p.parse_args(argv)

@@ -23,7 +23,7 @@ from export.verify import kl_per_position
 from runner.pte import PteProgram
 from spinquant.environment import describe_environment, environment_line
 from spinquant.errors import UserError, one_line_errors
-from spinquant.eval import DEFAULT_TEXT, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQResult
 from spinquant.models import load_model
@@ -132,7 +132,7 @@ def markdown(result: dict, command: str) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.compare", description=__doc__.splitlines()[0])
     p.add_argument("--pte", type=Path, required=True, help="model.pte with its export_report.json beside it")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (at most the program's max_seq_len)")
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--output", type=Path, default=Path("results/compare"), help="path stem for .md, .json and .png")

@@ -25,7 +25,8 @@ from export.verify import PROMPT
 from runner.generate import generate
 from runner.pte import PteProgram
 from spinquant.environment import describe_environment, environment_line
-from spinquant.eval import DEFAULT_TEXT, evaluate, perplexity_of, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
+from spinquant.eval import evaluate, perplexity_of
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.quant import setting
 
@@ -93,7 +94,7 @@ def markdown(results: dict, command: str) -> str:
             f"{r['fake_quant_decoder_only_perplexity']:.2f} | "
             f"{r['completion'].strip()!r} |"
         )
-    learned = results["rows"].get("learned", {}).get("rotation", "results/rotations/smollm2_w4a8.pt")
+    learned = results["rows"].get("learned", {}).get("rotation", "spinquant/rotations/smollm2_w4a8.pt")
     lines += ["", "`learned` is `" + os.path.relpath(learned) + "`, "
               "the rotation learned for W4A8 (results/learned_rotation_smollm2.md), the default of `python -m export.to_pte` for this model."]
     lines += ["", "Where the export time goes (seconds per stage, from each export's report; wall-clock, so other jobs "
@@ -142,7 +143,7 @@ def findings(rows: dict) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--rotations", nargs="+", default=list(ROTATIONS), choices=ROTATIONS)
     p.add_argument("--work-dir", type=Path, default=Path("out/export_table"))

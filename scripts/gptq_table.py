@@ -1,7 +1,7 @@
 """W4A8 g32 perplexity of round-to-nearest against GPTQ variants, for each rotation, and GPTQ's wall time.
 
     python scripts/gptq_table.py --device cuda --jobs 8 \
-        --learned learned=results/rotations/smollm2_w4a8.pt --learned learned-w16a8=results/rotations/smollm2_w16a8.pt
+        --learned learned=spinquant/rotations/smollm2_w4a8.pt --learned learned-w16a8=spinquant/rotations/smollm2_w16a8.pt
 
 Each cell is `spinquant.eval`'s own path (eval.quantized_model): load, rotate, weights by RTN or by
 GPTQ on the calibration text, then perplexity on windows of the evaluation text (the first ones, or
@@ -26,14 +26,15 @@ from pathlib import Path
 import torch
 
 from spinquant.environment import environment_line
-from spinquant.eval import DEFAULT_CALIB, DEFAULT_TEXT, GPTQRequest, calibration_hashes, perplexity, quantized_model, read_text, refuse_calibration_text, text_sha256, token_windows
+from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
+from spinquant.eval import GPTQRequest, calibration_hashes, perplexity, quantized_model, refuse_calibration_text
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
 from spinquant.models import load_model
 from spinquant.quant import quantize_model, setting
 
 PRESET_ROTATIONS = ("none", "hadamard")
-DEFAULT_LEARNED = "learned=results/rotations/smollm2_w4a8.pt"
+DEFAULT_LEARNED = "learned=spinquant/rotations/smollm2_w4a8.pt"
 # Every method names all its GPTQ choices, so a changed GPTQConfig default does not change a column.
 # None: quant.py's round to nearest with float32 scales (the fake-quant tables' RTN).
 PLAIN = dict(act_order=False, clip_search=False, act_bits=16, asymmetric=0.0)
@@ -290,8 +291,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--learned", action="append", help=f"NAME=FILE, a learned rotation (default {DEFAULT_LEARNED})")
     p.add_argument("--rotations", nargs="+", help="default: none, hadamard and every --learned")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB)
+    p.add_argument("--text", type=Path, default=evaluation_text())
+    p.add_argument("--calib-text", type=Path, default=calibration_text())
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--first-window", type=int, default=0, help="0-based index of the first evaluation window (default 0)")

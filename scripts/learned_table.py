@@ -1,7 +1,7 @@
 """Perplexity of learned rotations against no rotation and random Hadamard, same evaluation as ppl_table.py.
 
-    python scripts/learned_table.py --learned w4a8=results/rotations/smollm2_w4a8.pt \
-        --learned w4a4kv4=results/rotations/smollm2_w4a4kv4.pt --max-windows 16 --device cuda
+    python scripts/learned_table.py --learned w4a8=spinquant/rotations/smollm2_w4a8.pt \
+        --learned w4a4kv4=spinquant/rotations/smollm2_w4a4kv4.pt --max-windows 16 --device cuda
 
 For each setting: `none`, `hadamard` (seed 0) and the learned file (SpinQuant's layout, learned by
 `python -m spinquant.optimize` with the recipe of the same name), fused by rotation.py and
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ppl_table import measure
 from spinquant.environment import environment_line
-from spinquant.eval import DEFAULT_TEXT, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 
@@ -98,9 +98,9 @@ def markdown(results: dict, files: dict[str, Path], command: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--learned", action="append", required=True, help="SETTING=FILE, e.g. w4a8=results/rotations/smollm2_w4a8.pt")
+    p.add_argument("--learned", action="append", required=True, help="SETTING=FILE, e.g. w4a8=spinquant/rotations/smollm2_w4a8.pt")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("--output", type=Path, default=Path("results/learned_rotation_smollm2"))

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from spinquant.environment import describe_environment, environment_line
-from spinquant.eval import DEFAULT_TEXT, perplexity, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
+from spinquant.eval import perplexity
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import LoadedModel, load_model
 from spinquant.quant import quantize_model, setting
@@ -106,7 +107,7 @@ def findings(ppl: dict[str, float]) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=16, help="0 = every window")
     p.add_argument("--output", type=Path, default=Path("results/ppl_smollm2"))

@@ -6,7 +6,6 @@ The field's convention: tokenize the whole text once, cut it into non-overlappin
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -18,8 +17,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import LlamaForCausalLM
 
+from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_json_atomic
 from spinquant.models import LoadedModel, load_model
@@ -29,8 +29,6 @@ from spinquant.rotation import PRESETS, apply_rotations, rotations_for
 if TYPE_CHECKING:
     from spinquant.gptq import GPTQConfig, GPTQResult
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "eval.txt"
-DEFAULT_CALIB = DEFAULT_TEXT.with_name("calib.txt")
 
 
 @dataclass(frozen=True)
@@ -38,30 +36,7 @@ class GPTQRequest:
     """Weights by GPTQ instead of round-to-nearest, on this calibration text."""
 
     config: "GPTQConfig"
-    calibration: Path = DEFAULT_CALIB
-
-
-def read_text(path: Path) -> str:
-    if not path.is_file():
-        raise UserError(f"text file not found: {path}")
-    return path.read_text(encoding="utf-8")
-
-
-def text_sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def token_windows(tokenizer: PreTrainedTokenizerBase, text: str, seqlen: int, max_windows: int | None, first: int = 0) -> torch.Tensor:
-    """(windows, seqlen) token ids from window `first` on (0-based); the tail shorter than a window is dropped, as the field does."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    if first < 0:
-        raise UserError(f"the first window must be 0 or more, not {first}")
-    n = ids.numel() // seqlen - first
-    if n <= 0:
-        raise UserError(f"the text has {ids.numel()} tokens, fewer than {'one window' if first == 0 else f'{first + 1} windows'} of {seqlen}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return ids[first * seqlen : (first + n) * seqlen].view(n, seqlen)
+    calibration: Path = dataclasses.field(default_factory=calibration_text)
 
 
 @torch.no_grad()
@@ -144,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--v-bits", type=int)
     p.add_argument("--kv-group", type=int)
     p.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized as the decoder's linears")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--seed", type=int, default=0, help="seed of random rotations")
@@ -157,7 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gptq-clip-search", action=argparse.BooleanOptionalAction, default=GPTQConfig.clip_search,
                    help="GPTQ's group scales by per-group MSE clip search (--w-clip-search is round-to-nearest's)")
     p.add_argument("--gptq-scale-dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 = the export's 8da4w scales")
-    p.add_argument("--calib-text", type=Path, default=DEFAULT_CALIB, help="GPTQ's calibration text (never the evaluation text)")
+    p.add_argument("--calib-text", type=Path, default=calibration_text(), help="GPTQ's calibration text (never the evaluation text)")
     p.add_argument("--gptq-output", type=Path, help="save GPTQ's integers and scales here (for export.to_pte --gptq-file)")
     p.add_argument("--output", type=Path, help="JSON file for the result")
     return p.parse_args(argv)

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError
-from spinquant.eval import text_sha256, token_windows
+from spinquant.data import text_sha256, token_windows
 from spinquant.files import write_atomic
 from spinquant.quant import CLIP_GRID, _qrange, _quantize_input_hook, _scale_and_zero
 from spinquant.rotation import quantized_input_linear

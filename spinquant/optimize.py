@@ -25,14 +25,13 @@ from transformers import LlamaForCausalLM
 from spinquant.cayley import CayleySGD
 from spinquant.environment import describe_environment
 from spinquant.errors import UserError, one_line_errors
-from spinquant.eval import read_text, text_sha256, token_windows
+from spinquant.data import calibration_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.quant import SETTINGS, QuantConfig
 from spinquant.rotated_model import RotatedLlama
 from spinquant.rotation import rotations_for
 
-DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2" / "calib.txt"
 
 RECIPES = {
     # W16A8: 16-bit weights in the loss, because GPTQ quantizes them to 4 bits afterwards (Meta's
@@ -239,7 +238,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0, help="seed of the initial Hadamard rotations and the data order")
-    p.add_argument("--text", type=Path, default=DEFAULT_CALIB, help="calibration text (never the evaluation text)")
+    p.add_argument("--calib-text", type=Path, default=calibration_text(), help="calibration text (never the evaluation text)")
     p.add_argument("--output", type=Path, default=Path("rotations/R.pt"), help="rotation file; .json, .loss.csv, .loss.png, .ckpt beside it")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
@@ -276,13 +275,13 @@ def sidecar(plan: Plan, progress: Progress, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_args(args)
-    text = read_text(args.text)
+    text = read_text(args.calib_text)
     loaded = load_model(args.model, torch.float32)
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.windows)  # refuses a text shorter than one window
     plan = Plan(
         model=args.model, recipe=args.recipe, iters=args.iters, lr=args.lr, momentum=args.momentum,
         windows=len(windows), seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seed=args.seed, dtype=args.dtype, calibration=os.path.relpath(args.text), calibration_sha256=text_sha256(text),
+        seed=args.seed, dtype=args.dtype, calibration=os.path.relpath(args.calib_text), calibration_sha256=text_sha256(text),
     )
     out = args.output
     ckpt = out.with_suffix(".ckpt")

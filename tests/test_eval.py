@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from spinquant.errors import UserError
-from spinquant.eval import cli, main, perplexity, token_windows
+from spinquant.data import token_windows
+from spinquant.eval import cli, main, perplexity
 from spinquant.models import load_model, tiny_llama, tiny_llama_config
 
 

@@ -8,7 +8,7 @@ from export.quantize import quantize_for_export
 from export.to_pte import run
 from runner.pte import PteProgram
 from spinquant.errors import UserError
-from spinquant.eval import text_sha256, token_windows
+from spinquant.data import text_sha256, token_windows
 from spinquant.gptq import GPTQConfig, GPTQResult, gptq_model, rotation_id
 from spinquant.models import load_model
 from spinquant.rotation import apply_rotations, rotations_for

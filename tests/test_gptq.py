@@ -9,7 +9,8 @@ from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup
 
 from export.quantize import linear_config
 from spinquant.errors import UserError
-from spinquant.eval import gptq_request_from_args, parse_args, text_sha256
+from spinquant.data import text_sha256
+from spinquant.eval import gptq_request_from_args, parse_args
 from spinquant.eval import main as eval_main
 from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer, upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config

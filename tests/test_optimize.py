@@ -156,7 +156,7 @@ def test_sample_order_is_seeded_and_passes_over_every_window():
 def test_cli_writes_rotation_sidecar_and_loss_curve(tiny_hf_dir, tmp_path):
     out = tmp_path / "rot" / "R.pt"
     info = optimize.main([
-        "--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "32",
+        "--model", str(tiny_hf_dir), "--calib-text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "32",
         "--windows", "4", "--batch-size", "2", "--iters", "3", "--dtype", "fp32", "--device", "cpu",
         "--output", str(out), "--checkpoint-every", "1",
     ])
@@ -173,7 +173,7 @@ def test_calibration_text_shorter_than_one_window_is_refused(tiny_hf_dir, tmp_pa
     short = tmp_path / "short.txt"
     short.write_text("too short")
     with pytest.raises(UserError, match="fewer than one window of 2048"):
-        optimize.main(["--model", str(tiny_hf_dir), "--text", str(short), "--device", "cpu", "--output", str(tmp_path / "R.pt")])
+        optimize.main(["--model", str(tiny_hf_dir), "--calib-text", str(short), "--device", "cpu", "--output", str(tmp_path / "R.pt")])
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

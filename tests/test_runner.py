@@ -175,7 +175,8 @@ def test_missing_program_is_refused(tmp_path):
 
 def test_compare_separates_quantization_from_export_error(program_dir, tiny_hf_dir, tmp_path):
     from runner.compare import main as compare_main
-    from spinquant.eval import perplexity, perplexity_of, token_windows
+    from spinquant.data import token_windows
+    from spinquant.eval import perplexity, perplexity_of
 
     out = tmp_path / "cmp"
     text = tiny_hf_dir.parent / "text.txt"

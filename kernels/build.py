@@ -1,8 +1,10 @@
 """Build the C++ kernel library once per source version, and load it into ExecuTorch's runtime.
 
-The build goes to kernels/cpu/build/<hash>/ (ignored by git), where the hash covers the C++
-sources, the CMake project and the ExecuTorch version it compiles against, so editing a source
-or upgrading ExecuTorch rebuilds and nothing else does.
+The build goes to the user's cache, <cache>/kernels/<hash>/ (<cache> is spinquant.models.cache_dir():
+$SPINQUANT_CACHE, else ~/.cache/spinquant), never into the package, which an installed wheel may have
+read-only or shared between users. The hash covers the C++ sources, the CMake project and the ExecuTorch
+version it compiles against, so editing a source or upgrading ExecuTorch rebuilds and nothing else does;
+a checkout and an installed wheel of the same sources share one build.
 """
 
 import ctypes
@@ -13,17 +15,28 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from spinquant.errors import UserError
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-BUILD_ROOT = SOURCE_DIR / "build"
 LIBRARY = "libspinquant_kernels.dylib" if sys.platform == "darwin" else "libspinquant_kernels.so"
 OPERATOR = "spinquant::hadamard_transform.out"
 MIN_CMAKE = (3, 28)
 LOAD_HINT = "call kernels.load_into_executorch_runtime() before loading the program"
+# A build (or a failed build's staging directory) unused for this long is removed by the next build
+# beside it. Not sooner: other checkouts, venvs and users with other sources may share the cache.
+UNUSED_BUILD_DAYS = 30
+
+
+def build_root(part: str = "kernels") -> Path:
+    """Where the C++ builds go: <cache>/<part>/<hash>/, outside the package (site-packages may be
+    read-only, or shared between users and environments)."""
+    from spinquant.models import cache_dir  # here: it imports transformers, which the build needs not
+
+    return cache_dir() / part
 
 
 def _executorch_root() -> Path:
@@ -79,9 +92,11 @@ def cmake_build_once(what: str, source: Path, build_root: Path, key: str, produc
     """build_root/<key>/, holding `product` built by CMake from `source`; built when missing.
 
     The build runs in a temporary directory renamed into place, so a concurrent or interrupted build
-    never leaves a half-built directory under the key; builds of earlier keys are removed."""
+    never leaves a half-built directory under the key. Each use marks the build used; builds of other
+    keys unused for UNUSED_BUILD_DAYS are removed."""
     target = build_root / key
     if (target / product).exists():
+        _mark_used(target)
         return target
     build_root.mkdir(parents=True, exist_ok=True)
     print(f"{what}: building {target} (once per source change)", file=sys.stderr)
@@ -94,10 +109,23 @@ def cmake_build_once(what: str, source: Path, build_root: Path, key: str, produc
         staging.rename(target)  # atomic: a concurrent build of the same sources may have won
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in build_root.glob("?" * len(key)):  # builds of earlier sources
-        if old != target and re.fullmatch("[0-9a-f]+", old.name):
-            shutil.rmtree(old, ignore_errors=True)
+    _remove_unused(build_root, keep=target)
     return target
+
+
+def _mark_used(build: Path) -> None:
+    try:
+        os.utime(build)
+    except OSError:  # a cache we may read but not write: nothing to record
+        pass
+
+
+def _remove_unused(build_root: Path, keep: Path) -> None:
+    """Remove builds of other sources (and failed builds' staging directories) unused for a while."""
+    cutoff = time.time() - UNUSED_BUILD_DAYS * 86400
+    for old in build_root.iterdir():
+        if old != keep and old.is_dir() and re.fullmatch("[0-9a-f]+|tmp-.+", old.name) and old.stat().st_mtime < cutoff:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def executorch_cmake_prefix() -> Path:
@@ -108,7 +136,7 @@ def executorch_cmake_prefix() -> Path:
 def build_dir() -> Path:
     """The build directory holding the library, the C++ tests and bench_hadamard; built if missing."""
     options = [f"-DCMAKE_PREFIX_PATH={executorch_cmake_prefix()}"]
-    return cmake_build_once("the spinquant kernels", SOURCE_DIR, BUILD_ROOT, source_hash(), LIBRARY, options)
+    return cmake_build_once("the spinquant kernels", SOURCE_DIR, build_root("kernels"), source_hash(), LIBRARY, options)
 
 
 def build_library() -> Path:

@@ -1,9 +1,10 @@
 """Build the C++ runner (runner/cpp) once per source version; `python -m runner.cpp_build` prints
 the executable's path.
 
-The build goes to runner/cpp/build/<hash>/ (ignored by git), where the hash covers the runner's
-sources, our kernel library's (the runner compiles it in), the ExecuTorch and pytorch-tokenizers
-versions it links and the Python it takes libpython from.
+The build goes to the user's cache, <cache>/runner/<hash>/ (kernels.build.build_root: $SPINQUANT_CACHE,
+else ~/.cache/spinquant), never into the package. The hash covers the runner's sources, our kernel
+library's (the runner compiles it in), the ExecuTorch and pytorch-tokenizers versions it links and
+the Python it takes libpython from.
 """
 
 import hashlib
@@ -11,19 +12,19 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from kernels.build import cmake_build_once, executorch_cmake_prefix
+from kernels.build import build_root, cmake_build_once, executorch_cmake_prefix
 from kernels.build import source_hash as kernels_source_hash
 from spinquant.errors import one_line_errors
 
 SOURCE_DIR = Path(__file__).parent / "cpp"
-BUILD_ROOT = SOURCE_DIR / "build"
+BY_HAND_BUILDS = SOURCE_DIR / "build"  # README's cmake commands build here; not sources
 EXECUTABLE = "spinquant_runner"
 
 
 def source_hash() -> str:
     h = hashlib.sha256(f"{kernels_source_hash()}\0{version('pytorch-tokenizers')}\0{sys.executable}".encode())
     for path in sorted(SOURCE_DIR.rglob("*")):
-        if path.is_file() and BUILD_ROOT not in path.parents:
+        if path.is_file() and BY_HAND_BUILDS not in path.parents:
             h.update(str(path.relative_to(SOURCE_DIR)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -31,7 +32,7 @@ def source_hash() -> str:
 def runner_executable() -> Path:
     """The spinquant_runner executable, built once per source version."""
     options = [f"-DCMAKE_PREFIX_PATH={executorch_cmake_prefix()}", f"-DPython3_EXECUTABLE={sys.executable}"]
-    return cmake_build_once("the C++ runner", SOURCE_DIR, BUILD_ROOT, source_hash(), EXECUTABLE, options) / EXECUTABLE
+    return cmake_build_once("the C++ runner", SOURCE_DIR, build_root("runner"), source_hash(), EXECUTABLE, options) / EXECUTABLE
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from spinquant.errors import UserError
 from spinquant.data import text_sha256, token_windows
 from spinquant.files import write_atomic
-from spinquant.quant import CLIP_GRID, _qrange, _quantize_input_hook, _scale_and_zero
+from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear
+from spinquant.torch_files import describe_type, load_torch_file
 
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # SpinQuant's "true sequential" order: a group's Hessian sees the groups before it quantized.
@@ -117,12 +118,33 @@ class GPTQResult:
 
     @staticmethod
     def load(path: Path) -> "GPTQResult":
-        if not Path(path).is_file():
-            raise UserError(f"GPTQ file not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state.pop("linears")
-        weights = {name: QuantizedWeight(**w) for name, w in state.pop("weights").items()}
-        return GPTQResult(weights=weights, config=GPTQConfig(**state.pop("config")), **state)
+        state = load_torch_file(Path(path), "GPTQ file", GPTQ_REMEDY)
+        fields = [f.name for f in dataclasses.fields(GPTQResult)]
+        if not isinstance(state, dict) or (missing := [name for name in fields if name not in state]):
+            held = f"has no '{missing[0]}'" if isinstance(state, dict) else f"holds {describe_type(state)}"
+            raise UserError(f"GPTQ file {path} {held}: it is not a saved GPTQ result; {GPTQ_REMEDY}")
+        weights = {name: _saved_weight(w, name, path) for name, w in _saved_dict(state["weights"], "weights", path).items()}
+        config = _saved_dict(state["config"], "config", path)
+        if unknown := sorted(set(config) - {f.name for f in dataclasses.fields(GPTQConfig)}):
+            raise UserError(f"GPTQ file {path}: unknown config field '{unknown[0]}' (a newer version's file?); {GPTQ_REMEDY}")
+        info = {name: state[name] for name in fields if name not in ("weights", "config")}
+        return GPTQResult(weights=weights, config=GPTQConfig(**config), **info)
+
+
+GPTQ_REMEDY = "save one for this model, rotation and group size with python -m spinquant.eval --w-gptq --gptq-output FILE"
+
+
+def _saved_dict(value: object, what: str, path: Path) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"GPTQ file {path}: its {what} is {describe_type(value)}, not a dict; {GPTQ_REMEDY}")
+    return value
+
+
+def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight:
+    parts = _saved_dict(saved, f"entry {name}", path)
+    if not all(isinstance(parts.get(key), torch.Tensor) for key in ("qdata", "scale")):
+        raise UserError(f"GPTQ file {path}: {name} lacks a qdata or scale tensor; {GPTQ_REMEDY}")
+    return QuantizedWeight(parts["qdata"], parts["scale"])
 
 
 def rotation_id(spec: str, seed: int) -> str:
@@ -133,7 +155,7 @@ def rotation_id(spec: str, seed: int) -> str:
     return f"{spec}:seed{seed}" if spec in ("hadamard", "orthogonal") else spec
 
 
-def group_scale(w: torch.Tensor, bits: int, clip: float, scale_dtype: torch.dtype) -> torch.Tensor:
+def group_scale(w: torch.Tensor, bits: int, clip: float | torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """torchao's symmetric scale of each row of w (one group), cast to the scale dtype: (rows, 1)."""
     scale, _ = _scale_and_zero(w.float(), bits, True, clip)
     return scale.to(scale_dtype)
@@ -146,16 +168,8 @@ def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torc
 
 
 def best_group_scale(w: torch.Tensor, bits: int, scale_dtype: torch.dtype, clip_search: bool) -> torch.Tensor:
-    if not clip_search:
-        return group_scale(w, bits, 1.0, scale_dtype)
-    best, best_err = None, None
-    for ratio in CLIP_GRID:
-        scale = group_scale(w, bits, ratio, scale_dtype)
-        err = (quantize_with_scale(w, scale, bits) * scale.to(w.dtype) - w).pow(2).sum(-1, keepdim=True)
-        better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
-        best = scale if best is None else torch.where(better, scale, best)
-        best_err = err if best_err is None else torch.where(better, err, best_err)
-    return best
+    ratio = best_clip_ratio(w.float(), bits, True, scale_dtype) if clip_search else 1.0
+    return group_scale(w, bits, ratio, scale_dtype)
 
 
 def group_scales(w: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
@@ -383,7 +397,7 @@ def quantize_calibration_inputs(model: LlamaForCausalLM, bits: int) -> list[Remo
     if bits >= 16:
         return []
     linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
-    return [m.register_forward_pre_hook(_quantize_input_hook(bits, False, 1.0)) for m in linears]
+    return [m.register_forward_pre_hook(quantize_input_hook(bits, False, 1.0)) for m in linears]
 
 
 def gptq_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: GPTQConfig, device: torch.device, progress: bool = True) -> dict[str, QuantizedWeight]:

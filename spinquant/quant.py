@@ -8,7 +8,6 @@ torchao's 8da4w tensors compute, and what the exported program runs.
 
 import dataclasses
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -16,7 +15,7 @@ from transformers import LlamaForCausalLM
 
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
-from spinquant.rotation import untie_embeddings
+from spinquant.rotation import head_dim, untie_embeddings
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
 
@@ -126,22 +125,29 @@ def fake_quantize(
     return _quant_dequant(g, scale, zero, bits, ste, scale_dtype).flatten(-2)
 
 
+@torch.no_grad()
+def best_clip_ratio(g: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per group (g's last dimension), the ratio of CLIP_GRID whose quantization has the least squared
+    error; the first of equals wins. (..., 1), in g's dtype, so that scaling by it is scaling by the float."""
+    best, best_err = None, None
+    for ratio in CLIP_GRID:
+        scale, zero = _scale_and_zero(g, bits, symmetric, ratio)
+        err = (_quant_dequant(g, scale, zero, bits, scale_dtype=scale_dtype) - g).pow(2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = torch.full_like(err, ratio), err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, ratio, best), torch.where(better, err, best_err)
+    return best
+
+
 def fake_quantize_weight_mse(
     w: torch.Tensor, bits: int, group: int, symmetric: bool, ste: bool = False, scale_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Per group, the clip ratio from CLIP_GRID with the least squared error (a grid search)."""
     g = _grouped(w, group)
-    best, best_err = None, None
-    for ratio in CLIP_GRID:
-        scale, zero = _scale_and_zero(g, bits, symmetric, ratio)
-        dq = _quant_dequant(g, scale, zero, bits, ste, scale_dtype)
-        err = (dq - g).pow(2).sum(-1, keepdim=True)
-        if best is None:
-            best, best_err = dq, err
-        else:
-            better = err < best_err
-            best, best_err = torch.where(better, dq, best), torch.where(better, err, best_err)
-    return best.flatten(-2)
+    scale, zero = _scale_and_zero(g, bits, symmetric, best_clip_ratio(g, bits, symmetric, scale_dtype))
+    return _quant_dequant(g, scale, zero, bits, ste, scale_dtype).flatten(-2)
 
 
 def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torch.Tensor:
@@ -158,11 +164,38 @@ def lm_head_config(qc: QuantConfig) -> QuantConfig:
     return dataclasses.replace(qc, w_bits=qc.lm_head_bits, w_group=qc.lm_head_group, w_sym=True, w_clip_search=False)
 
 
-def _quantize_input_hook(bits: int, symmetric: bool, clip: float):
+def activation_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0, ste: bool = False):
+    """x ↦ fake_quantize(x) at these settings, computed in float32 at least (bf16 has 8 bits of mantissa);
+    None when `bits` leaves x in float. With `ste`, rounding passes gradients straight through."""
+    if bits >= 16:
+        return None
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        return fake_quantize(wide, bits, group, symmetric, clip, ste=ste).to(x.dtype)
+
+    return quantize
+
+
+def quantize_input_hook(bits: int, symmetric: bool, clip: float):
+    """A forward pre-hook quantizing a linear's input per token, as the 8da4w program does."""
+    quantize = activation_quantizer(bits, 0, symmetric, clip)
+
     def hook(module: nn.Module, args: tuple) -> tuple:
-        return (fake_quantize(args[0], bits, 0, symmetric, clip), *args[1:])
+        return (quantize(args[0]), *args[1:])
 
     return hook
+
+
+def use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig, ste: bool = False) -> None:
+    """K/V fake quantization after RoPE (spinquant.attention applies it), groups of kv_group within a head."""
+    if not qc.quantizes_kv:
+        return
+    group = min(qc.kv_group, head_dim(model.config))
+    for layer in model.model.layers:
+        layer.self_attn.quantize_key = activation_quantizer(qc.k_bits, group, qc.kv_sym, ste=ste)
+        layer.self_attn.quantize_value = activation_quantizer(qc.v_bits, group, qc.kv_sym, ste=ste)
+    use_spinquant_attention(model)
 
 
 def quantized_linears(model: LlamaForCausalLM, qc: QuantConfig) -> list[tuple[nn.Linear, QuantConfig]]:
@@ -188,11 +221,6 @@ def quantize_model(model: LlamaForCausalLM, qc: QuantConfig) -> LlamaForCausalLM
         for linear, linear_qc in quantized_linears(model, qc):
             linear.weight.data = quantize_weight(linear.weight.data, linear_qc)
             if qc.a_bits < 16:
-                linear.register_forward_pre_hook(_quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip))
-    if qc.quantizes_kv:
-        group = min(qc.kv_group, model.config.head_dim)
-        for layer in model.model.layers:
-            layer.self_attn.quantize_key = partial(fake_quantize, bits=qc.k_bits, group=group, symmetric=qc.kv_sym)
-            layer.self_attn.quantize_value = partial(fake_quantize, bits=qc.v_bits, group=group, symmetric=qc.kv_sym)
-        use_spinquant_attention(model)
+                linear.register_forward_pre_hook(quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip))
+    use_kv_quantization(model, qc)
     return model

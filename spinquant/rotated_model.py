@@ -13,22 +13,9 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from spinquant import hadamard
-from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
-from spinquant.quant import QuantConfig, check_groups, fake_quantize, lm_head_config, quantize_weight
-from spinquant.rotation import Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, untie_embeddings
-
-
-def ste_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0):
-    """Fake quantization with straight-through rounding, computed in float32 at least (bf16 has 8 bits of mantissa)."""
-    if bits >= 16:
-        return None
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        return fake_quantize(wide, bits, group, symmetric, clip, ste=True).to(x.dtype)
-
-    return quantize
+from spinquant.quant import QuantConfig, activation_quantizer, check_groups, lm_head_config, quantize_weight, use_kv_quantization
+from spinquant.rotation import R1_READERS, R1_WRITERS, Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, rotated_layer_weights, untie_embeddings
 
 
 class FakeQuantLinear(nn.Module):
@@ -97,18 +84,12 @@ class RotatedLlama(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
     def _set_rotated_weights(self) -> None:
-        r1, hd = self.r1, self.head_dim
         for layer, r2 in zip(self.model.model.layers, self.r2):
-            attn, mlp = layer.self_attn, layer.mlp
-            for linear in (attn.q_proj, attn.k_proj, mlp.gate_proj, mlp.up_proj):
-                self._set(linear, linear.frozen @ r1)
-            wv = (r2.T @ attn.v_proj.frozen.unflatten(0, (-1, hd))).flatten(0, 1)  # every value head by R2
-            self._set(attn.v_proj, wv @ r1)
-            wo = (attn.o_proj.frozen.unflatten(1, (-1, hd)) @ r2).flatten(1, 2)
-            self._set(attn.o_proj, r1.T @ wo)
-            self._set(mlp.down_proj, r1.T @ mlp.down_proj.frozen)
+            frozen = {name: layer.get_submodule(name).frozen for name in R1_READERS + R1_WRITERS}
+            for name, w in rotated_layer_weights(frozen, self.r1, r2, self.head_dim).items():
+                self._set(layer.get_submodule(name), w)
         if self.qc.lm_head:
-            self._set(self.model.lm_head, self.model.lm_head.frozen @ r1, lm_head_config(self.qc))
+            self._set(self.model.lm_head, self.model.lm_head.frozen @ self.r1, lm_head_config(self.qc))
 
     def _set(self, linear: FakeQuantLinear, w: torch.Tensor, qc: QuantConfig | None = None) -> None:
         linear.rotated_weight = quantize_weight(w, qc or self.qc, ste=True).to(self.dtype)
@@ -144,7 +125,7 @@ def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> L
     exact = _exact_dtype(dtype)
     frozen = {name: m.weight.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     model.to(dtype)  # before the swap: the frozen weights keep their exact dtype
-    quantize_input = ste_quantizer(qc.a_bits, 0, qc.a_sym, qc.a_clip)
+    quantize_input = activation_quantizer(qc.a_bits, 0, qc.a_sym, qc.a_clip, ste=True)
     for i, layer in enumerate(model.model.layers):
         for parent, kind in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
             for name, child in list(parent.named_children()):
@@ -162,10 +143,6 @@ def _use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig) -> None:
     if not qc.quantizes_kv:
         return
     hadamard.factor_size(head_dim(model.config))
-    group = min(qc.kv_group, head_dim(model.config))
     for layer in model.model.layers:
-        attn = layer.self_attn
-        attn.online_r3 = True
-        attn.quantize_key = ste_quantizer(qc.k_bits, group, qc.kv_sym)
-        attn.quantize_value = ste_quantizer(qc.v_bits, group, qc.kv_sym)
-    use_spinquant_attention(model)
+        layer.self_attn.online_r3 = True
+    use_kv_quantization(model, qc, ste=True)

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import kernels  # noqa: F401  (registers torch.ops.spinquant.hadamard_transform)
-from spinquant import hadamard
+from spinquant import hadamard, hadamard_op  # noqa: F401  (hadamard_op registers torch.ops.spinquant.hadamard_transform)
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
+from spinquant.torch_files import describe_type, load_torch_file
 
 PRESETS = ("none", "r4", "hadamard", "orthogonal")
 
@@ -68,9 +68,9 @@ def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = Fals
 
 def load_rotation_file(path: Path, config: LlamaConfig, r3: bool = False) -> Rotations:
     """Learned R1/R2 as a state dict with `R1` and `model.layers.{i}.self_attn.R2` (SpinQuant's layout)."""
-    if not path.is_file():
-        raise UserError(f"rotation file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, "rotation file", ROTATION_REMEDY)
+    if not isinstance(state, dict):
+        raise UserError(f"rotation file {path} holds {describe_type(state)}, not a dict of R1 and R2s (SpinQuant's layout): {ROTATION_REMEDY}")
     hidden, head = config.hidden_size, head_dim(config)
     r1 = _checked_rotation(state, "R1", hidden, path)
     r2 = [
@@ -80,14 +80,28 @@ def load_rotation_file(path: Path, config: LlamaConfig, r3: bool = False) -> Rot
     return Rotations(r1=r1, r2=r2, r4=True, r3=r3)
 
 
+ROTATION_REMEDY = "learn one for this model with python -m spinquant.optimize"
+
+
 def _checked_rotation(state: dict, key: str, n: int, path: Path) -> torch.Tensor:
+    def refuse(problem: str) -> UserError:
+        return UserError(f"rotation file {path}: {problem}: {ROTATION_REMEDY}")
+
     if key not in state:
-        raise UserError(f"rotation file {path} has no '{key}'")
-    r = state[key].to(torch.float64)
+        raise refuse(f"no '{key}' (was it learned for a model with fewer layers, or is it another kind of file?)")
+    r = state[key]
+    if not isinstance(r, torch.Tensor):
+        raise refuse(f"'{key}' is {describe_type(r)}, not a tensor")
+    if not r.is_floating_point():
+        raise refuse(f"'{key}' is a {r.dtype} tensor, not a float matrix")
     if r.shape != (n, n):
-        raise UserError(f"rotation file {path}: '{key}' is {tuple(r.shape)}, the model needs ({n}, {n})")
-    if (r.T @ r - torch.eye(n, dtype=torch.float64)).abs().max() > 1e-3:
-        raise UserError(f"rotation file {path}: '{key}' is not orthonormal")
+        raise refuse(f"'{key}' is {tuple(r.shape)}, the model needs ({n}, {n}) (was it learned for another model?)")
+    r = r.to(torch.float64)
+    if not r.isfinite().all():
+        raise refuse(f"'{key}' has NaN or infinite entries")
+    deviation = (r.T @ r - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    if deviation > 1e-3:
+        raise refuse(f"'{key}' is not orthonormal (|RᵀR - I| up to {deviation:.3g})")
     return r
 
 
@@ -131,32 +145,55 @@ def rotate_input_side(linear: nn.Linear | nn.Embedding, r: torch.Tensor) -> None
     _set_weight(linear, linear.weight.detach().to(torch.float64) @ r)
 
 
-def rotate_output_side(linear: nn.Linear, r: torch.Tensor) -> None:
-    _set_weight(linear, r.T @ linear.weight.detach().to(torch.float64))
-    if linear.bias is not None:
-        linear.bias.data = (linear.bias.detach().to(torch.float64) @ r).to(linear.bias.dtype)
+# Linears that read the residual stream (their input is rotated by R1) and that write it (their output is).
+R1_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+R1_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 
 
-def fuse_r1(model: LlamaForCausalLM, r1: torch.Tensor) -> None:
-    rotate_input_side(model.model.embed_tokens, r1)  # rows are token vectors: E @ R1
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            rotate_input_side(linear, r1)
-        rotate_output_side(attn.o_proj, r1)
-        rotate_output_side(mlp.down_proj, r1)
-    rotate_input_side(model.lm_head, r1)
+def rotated_layer_weights(
+    weights: dict[str, torch.Tensor], r1: torch.Tensor | None, r2: torch.Tensor | None, head_dim: int
+) -> dict[str, torch.Tensor]:
+    """A decoder layer's linear weights (out, in), by name within the layer, rotated: W·R1 for R1's readers,
+    R1ᵀ·W for its writers; R2 turns every value head (all query heads sharing a KV head agree) and o_proj
+    undoes it. Differentiable in r1 and r2: the exact fusion and rotation learning both use it."""
+    rotated = dict(weights)
+    if r2 is not None:
+        wv = rotated["self_attn.v_proj"].unflatten(0, (-1, head_dim))  # (kv_heads, hd, in)
+        rotated["self_attn.v_proj"] = (r2.T @ wv).flatten(0, 1)
+        wo = rotated["self_attn.o_proj"].unflatten(1, (-1, head_dim))  # (out, heads, hd)
+        rotated["self_attn.o_proj"] = (wo @ r2).flatten(1, 2)
+    if r1 is not None:
+        for name in R1_READERS:
+            rotated[name] = rotated[name] @ r1
+        for name in R1_WRITERS:
+            rotated[name] = r1.T @ rotated[name]
+    return rotated
 
 
-def fuse_r2(attn: nn.Module, r2: torch.Tensor, head_dim: int) -> None:
-    """Rotate every value head by R2 and undo it in o_proj; all query heads sharing a KV head agree."""
-    v, o = attn.v_proj, attn.o_proj
-    wv = v.weight.detach().to(torch.float64).unflatten(0, (-1, head_dim))  # (kv_heads, hd, in)
-    _set_weight(v, (r2.T @ wv).flatten(0, 1))
-    if v.bias is not None:
+def rotate_layer_biases(layer: nn.Module, r1: torch.Tensor | None, r2: torch.Tensor | None, head_dim: int) -> None:
+    """Output-side biases turn with their outputs: v_proj's by R2 per head, the writers' by R1."""
+    v = layer.self_attn.v_proj
+    if r2 is not None and v.bias is not None:
         v.bias.data = (v.bias.detach().to(torch.float64).unflatten(0, (-1, head_dim)) @ r2).flatten().to(v.bias.dtype)
-    wo = o.weight.detach().to(torch.float64).unflatten(1, (-1, head_dim))  # (out, heads, hd)
-    _set_weight(o, (wo @ r2).flatten(1, 2))
+    for name in R1_WRITERS if r1 is not None else ():
+        linear = quantized_input_linear(layer.get_submodule(name))
+        if linear.bias is not None:
+            linear.bias.data = (linear.bias.detach().to(torch.float64) @ r1).to(linear.bias.dtype)
+
+
+def fuse_r1_r2(model: LlamaForCausalLM, r1: torch.Tensor | None, r2: list[torch.Tensor] | None) -> None:
+    """R1 into the embedding, lm_head and every decoder linear, each layer's R2 into v/o, in float64."""
+    if r1 is not None:
+        rotate_input_side(model.model.embed_tokens, r1)  # rows are token vectors: E @ R1
+        rotate_input_side(model.lm_head, r1)
+    hd = head_dim(model.config)
+    for i, layer in enumerate(model.model.layers):
+        r2_i = r2[i] if r2 is not None else None
+        names = R1_READERS + R1_WRITERS
+        weights = {name: layer.get_submodule(name).weight.detach().to(torch.float64) for name in names}
+        for name, w in rotated_layer_weights(weights, r1, r2_i, hd).items():
+            _set_weight(layer.get_submodule(name), w)
+        rotate_layer_biases(layer, r1, r2_i, hd)
 
 
 def fuse_r4(mlp: nn.Module) -> None:
@@ -175,10 +212,8 @@ def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM
     if rot.folds_norms:
         untie_embeddings(model)
         fuse_all_rmsnorms(model)
-        fuse_r1(model, rot.r1)
-    for i, layer in enumerate(model.model.layers):
-        if rot.r2 is not None:
-            fuse_r2(layer.self_attn, rot.r2[i], head_dim(config))
+    fuse_r1_r2(model, rot.r1, rot.r2)
+    for layer in model.model.layers:
         if rot.r4:
             fuse_r4(layer.mlp)
         layer.self_attn.online_r3 = rot.r3

@@ -95,7 +95,7 @@ def test_executorch_llm_runner_gives_the_same_greedy_text(program_dir):
 
 @pytest.fixture(scope="module")
 def cpp_runner():
-    """The C++ runner, built once per source version (runner/cpp/build/<hash>/)."""
+    """The C++ runner, built once per source version (<cache>/runner/<hash>/, runner.cpp_build)."""
     from runner.cpp_build import runner_executable
 
     return runner_executable()

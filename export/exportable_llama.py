@@ -7,7 +7,7 @@ cost time per node. Reusing the model's norms, linears, MLP and rotary embedding
 with fast CPU kernels and GQA built in) keeps the graph small and the runtime fast.
 
 q/k/v and gate/up read the same input, so each set runs as one linear whose output rows are
-theirs stacked: per-token activation scales and per-row weight scales make that exactly the
+theirs stacked (and biases, for Llamas with attention_bias or mlp_bias, concatenated): per-token activation scales and per-row weight scales make that exactly the
 same arithmetic, with one quantized GEMM (and one activation quantization) instead of three or
 two. That takes 7 XNNPACK partitions per layer down to 4, and the lowering's time with them.
 Quantized linears are traced through export/per_token_ops.py's spelling of torchao's own.
@@ -33,12 +33,17 @@ def stacked_rows(weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def fused_linear(*linears: nn.Linear) -> nn.Linear:
-    """One linear computing every given linear of the same input, outputs concatenated."""
-    if any(linear.bias is not None for linear in linears):
-        raise ValueError("fused projections take bias-free linears (Llama's)")
+    """One linear computing every given linear of the same input, outputs concatenated (biases too, where any has one)."""
     fused = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears), bias=False, device="meta")
     fused.weight = nn.Parameter(stacked_rows([linear.weight for linear in linears]), requires_grad=False)
+    if any(linear.bias is not None for linear in linears):
+        fused.bias = nn.Parameter(torch.cat([stacked_bias(linear) for linear in linears]), requires_grad=False)
     return fused
+
+
+def stacked_bias(linear: nn.Linear) -> torch.Tensor:
+    """The linear's bias, zeros where it has none (attention_bias and mlp_bias are separate config flags)."""
+    return linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features, dtype=linear.weight.dtype)
 
 
 class CachedAttention(nn.Module):

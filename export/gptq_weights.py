@@ -14,15 +14,16 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from export.options import ExportOptions
 from spinquant.errors import UserError
 from spinquant.data import calibration_text
-from spinquant.gptq import GPTQConfig, GPTQResult, QuantizedWeight, rotation_id, run_gptq
+from spinquant.gptq import GPTQ_REMEDY, GPTQConfig, GPTQResult, QuantizedWeight, rotation_id, run_gptq
 
 
 def gptq_for_export(opts: ExportOptions, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -> GPTQResult | None:
     """The saved result of --gptq-file (checked against this export), or GPTQ run now for --gptq; None without either."""
     rotation = rotation_id(opts.rotation, opts.seed)
     if opts.gptq_file:
-        result = GPTQResult.load(Path(opts.gptq_file))
-        check_result_fits(result, opts.group_size, rotation)
+        path = Path(opts.gptq_file)
+        result = GPTQResult.load(path)
+        check_result_fits(result, path, opts, rotation, model)
         return result
     if opts.gptq:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,19 +31,49 @@ def gptq_for_export(opts: ExportOptions, model: LlamaForCausalLM, tokenizer: Pre
     return None
 
 
-def check_result_fits(result: GPTQResult, group_size: int, rotation: str) -> None:
+def check_result_fits(result: GPTQResult, path: Path, opts: ExportOptions, rotation: str, model: LlamaForCausalLM) -> None:
+    """A GPTQ file made for another model, rotation or group size is refused before anything is quantized."""
     cfg = result.config
     if (cfg.bits, cfg.scale_dtype) != (4, "bf16"):
-        raise UserError(f"the GPTQ file holds int{cfg.bits} weights with {cfg.scale_dtype} scales; 8da4w needs int4 with bf16 scales")
-    if cfg.group != group_size:
-        raise UserError(f"the GPTQ file was made with group size {cfg.group}, the export uses --group-size {group_size}")
+        raise misfit(path, f"holds int{cfg.bits} weights with {cfg.scale_dtype} scales; 8da4w needs int4 with bf16 scales")
+    if not same_model(result.model, opts.model):
+        raise misfit(path, f"was made for the model {result.model}, the export is of {opts.model}")
+    if cfg.group != opts.group_size:
+        raise misfit(path, f"was made with group size {cfg.group}, the export uses --group-size {opts.group_size}")
     if result.rotation != rotation:
-        raise UserError(f"the GPTQ file was made under rotation {result.rotation}, the export uses {rotation}")
+        raise misfit(path, f"was made under rotation {result.rotation}, the export uses {rotation}")
+    check_weights_fit(result, path, model, cfg.group)
+
+
+def misfit(path: Path, problem: str) -> UserError:
+    return UserError(f"the GPTQ file {path} {problem}; {GPTQ_REMEDY}")
+
+
+def same_model(saved: str, given: str) -> bool:
+    """The same name, or two spellings of one model directory or file."""
+    return saved == given or (Path(saved).exists() and Path(saved).resolve() == Path(given).resolve())
+
+
+def decoder_linears(model: LlamaForCausalLM) -> dict[str, nn.Linear]:
+    """Every linear GPTQ quantizes, by module name (down_proj's inside its online-Hadamard wrapper)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+
+
+def check_weights_fit(result: GPTQResult, path: Path, model: LlamaForCausalLM, group: int) -> None:
+    linears = decoder_linears(model)
+    if missing := sorted(linears.keys() - result.weights.keys()):
+        raise misfit(path, f"has no weights for {missing[0]} ({len(missing)} linears of this model missing)")
+    if extra := sorted(result.weights.keys() - linears.keys()):
+        raise misfit(path, f"has weights for {extra[0]}, which is not a decoder linear of this model")
+    for name, qw in result.weights.items():
+        out, inputs = linears[name].weight.shape
+        if qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // group):
+            raise misfit(path, f"holds {tuple(qw.qdata.shape)} integers with {tuple(qw.scale.shape)} scales for {name}, whose weight is ({out}, {inputs})")
 
 
 def write_gptq_weights(model: LlamaForCausalLM, result: GPTQResult) -> None:
     """Replace every decoder linear's torchao 8da4w weight by GPTQ's integers and scales."""
-    decoder = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+    decoder = decoder_linears(model).keys()
     if missing := sorted(decoder - set(result.weights)):
         raise UserError(f"the GPTQ result has no weights for {missing[0]} ({len(missing)} linears missing)")
     for name, qw in result.weights.items():

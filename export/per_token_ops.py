@@ -25,21 +25,21 @@ PER_TOKEN = torch.ops.quantized_decomposed
 class PerTokenInt8Linear(nn.Module):
     """What torchao's linear does for this weight: int8 asymmetric per-token activations, then F.linear."""
 
-    def __init__(self, weight: nn.Parameter):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None):
         super().__init__()
-        self.weight = weight
+        self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero = PER_TOKEN.choose_qparams_per_token_asymmetric(x, torch.int8)
         q = PER_TOKEN.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
         x = PER_TOKEN.dequantize_per_token(q, scale, zero, -128, 127, torch.int8, x.dtype)
-        return F.linear(x, self.weight.dequantize())
+        return F.linear(x, self.weight.dequantize(), self.bias)
 
 
 def has_per_token_int8_activations(linear: nn.Module) -> bool:
     weight = getattr(linear, "weight", None)
     return (
-        isinstance(linear, nn.Linear) and linear.bias is None and isinstance(weight, IntxUnpackedToInt8Tensor)
+        isinstance(linear, nn.Linear) and isinstance(weight, IntxUnpackedToInt8Tensor)
         and weight.activation_quantization == IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN
     )
 
@@ -48,4 +48,4 @@ def per_token_linear(module: nn.Module) -> nn.Module:
     """The module to export in `module`'s place; new wrappers, so the model itself is left as it was."""
     if isinstance(module, OnlineHadamardLinear):
         return OnlineHadamardLinear(per_token_linear(module.linear))
-    return PerTokenInt8Linear(module.weight) if has_per_token_int8_activations(module) else module
+    return PerTokenInt8Linear(module.weight, module.bias) if has_per_token_int8_activations(module) else module

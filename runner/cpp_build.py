@@ -7,6 +7,7 @@ library's (the runner compiles it in), the ExecuTorch and pytorch-tokenizers ver
 the Python it takes libpython from.
 """
 
+import argparse
 import hashlib
 import sys
 from importlib.metadata import version
@@ -15,6 +16,7 @@ from pathlib import Path
 from kernels.build import build_root, cmake_build_once, executorch_cmake_prefix
 from kernels.build import source_hash as kernels_source_hash
 from spinquant.errors import one_line_errors
+from spinquant.quiet import add_verbose_flag
 
 SOURCE_DIR = Path(__file__).parent / "cpp"
 BY_HAND_BUILDS = SOURCE_DIR / "build"  # README's cmake commands build here; not sources
@@ -36,5 +38,8 @@ def runner_executable() -> Path:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m runner.cpp_build", description="Build the C++ runner once per source version; print its path.")
+    add_verbose_flag(parser)
+    parser.parse_args()
     with one_line_errors("runner.cpp_build"):
         print(runner_executable())

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from runner.pte import PteProgram
 from spinquant.errors import UserError, one_line_errors
+from spinquant.quiet import add_verbose_flag
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    add_verbose_flag(p)
     args = p.parse_args(argv)
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p} must be in (0, 1]")

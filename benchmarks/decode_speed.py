@@ -27,7 +27,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from export.options import default_rotation
+from spinquant.rotation import default_rotation
 from memory_bound import copy_bandwidth, gguf_bytes_per_token, pte_bytes_per_token
 from spinquant.environment import describe_environment
 from spinquant.files import write_atomic, write_json_atomic

@@ -10,13 +10,11 @@ from pathlib import Path
 import yaml
 
 from spinquant.errors import UserError
+from spinquant.gptq import GPTQConfig, GPTQResult
+from spinquant.rotation import default_rotation
+from spinquant.torchao_quant import LM_HEAD, QEMBEDDING, QLINEAR, ProgramQuant
 
-QLINEAR = ("8da4w", "8da8w", "4w", "none")
-QEMBEDDING = ("8w", "4w", "none")
-LM_HEAD = ("8da8w", "8da4w", "8w", "none")
 GROUP_SIZES = (32, 64, 128, 256)
-# The best rotation measured for each built-in model (results/learned_rotation_smollm2.md); r4 elsewhere.
-LEARNED_ROTATIONS = {"smollm2-135m": Path(__file__).resolve().parents[1] / "results" / "rotations" / "smollm2_w4a8.pt"}
 DTYPES = ("fp32",)
 # Measured with executorch 1.5.1: XNNPACK lowers torchao's weight-only linears (int4 and int8)
 # to programs whose logits are off by more than the logits themselves, and left outside XNNPACK
@@ -40,6 +38,7 @@ class ExportOptions:
     gptq: bool = False  # int4 weights by GPTQ (spinquant/gptq.py) on the calibration text, run now
     gptq_file: str = ""  # or a saved GPTQ result: python -m spinquant.eval --w-gptq --gptq-output FILE
     gptq_windows: int = 128
+    calib_text: Path | None = None  # --gptq's calibration text; None: the packaged one
 
     def check(self) -> "ExportOptions":
         self.rotation = self.rotation or default_rotation(self.model)
@@ -62,13 +61,17 @@ class ExportOptions:
             raise UserError(f"--max-seq-len {self.max_seq_len} is too small; it must be at least 2")
         return self
 
+    def program_quant(self) -> ProgramQuant:
+        return ProgramQuant(self.qlinear, self.group_size, self.qembedding, self.lm_head)
+
+    def gptq_request(self) -> GPTQConfig | GPTQResult | None:
+        """GPTQ to run now (--gptq), a saved result (--gptq-file), or None."""
+        if self.gptq:
+            return GPTQConfig(group=self.group_size, windows=self.gptq_windows)
+        return GPTQResult.load(Path(self.gptq_file)) if self.gptq_file else None
+
     def record(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
-
-
-def default_rotation(model: str) -> str:
-    learned = LEARNED_ROTATIONS.get(model)
-    return str(learned) if learned is not None and learned.is_file() else "r4"
 
 
 def options_from_yaml(path: Path) -> dict:
@@ -82,6 +85,7 @@ def options_from_yaml(path: Path) -> dict:
     values = {k.replace("-", "_"): v for k, v in raw.items()}
     if unknown := sorted(set(values) - known):
         raise UserError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
-    if "output_dir" in values:
-        values["output_dir"] = Path(values["output_dir"])
+    for key in ("output_dir", "calib_text"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
     return values

@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from export.gptq_weights import gptq_for_export, write_gptq_weights
 from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
 from export.program import delegate_linears, emit_program, export_program, metadata
-from export.quantize import quantize_for_export
 from export.verify import PROMPT, check_agreement, compare_with_eager
 from spinquant.environment import describe_environment
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
-from spinquant.rotation import apply_rotations, rotations_for
+from spinquant.pipeline import prepare
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
@@ -46,6 +44,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--gptq", action="store_const", const=True, help="int4 weights by GPTQ on the calibration text, not round-to-nearest")
     p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq --gptq-output FILE)")
     p.add_argument("--gptq-windows", type=int, help=f"calibration windows for --gptq (default {d.gptq_windows})")
+    p.add_argument("--calib-text", type=Path, help="calibration text for --gptq (default: the packaged WikiText-2 calib.txt)")
     p.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip running the .pte against eager")
     args = vars(p.parse_args(argv))
     values = options_from_yaml(args.pop("config")) if args.get("config") else {}
@@ -90,20 +89,18 @@ class Stages:
 def run(opts: ExportOptions) -> dict:
     start = time.time()
     out = opts.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    stage = Stages(("load", "rotate", "quantize", "torch.export", "delegate linears to XNNPACK", "emit program") + (("verify",) if opts.verify else ()))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out} is a file; give a directory (it is created if missing)")
+    stage = Stages(("load", "rotate and quantize", "torch.export", "delegate linears to XNNPACK", "emit program") + (("verify",) if opts.verify else ()))
     with stage("load"):
         loaded = load_model(opts.model, torch.float32)
         model = loaded.model.requires_grad_(False)
         check_model_fits(model, opts)
-        rotations = rotations_for(opts.rotation, model.config, opts.seed)
-    with stage("rotate"):
-        apply_rotations(model, rotations)
-    with stage("quantize"):
-        gptq = gptq_for_export(opts, model, loaded.tokenizer)
-        quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
-        if gptq is not None:
-            write_gptq_weights(model, gptq)  # torchao rounded to nearest: GPTQ's integers replace its own
+    with stage("rotate and quantize"):
+        gptq_device = "cuda" if torch.cuda.is_available() else "cpu"
+        prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
+                calib_text=opts.calib_text, seed=opts.seed, device=gptq_device)
+    done = model.spinquant
     meta = metadata(model, loaded.tokenizer, opts.max_seq_len)
     with stage("torch.export"):
         program = export_program(model, opts.max_seq_len)
@@ -111,11 +108,12 @@ def run(opts: ExportOptions) -> dict:
         edge = delegate_linears(program, meta)
     with stage("emit program"):
         manager = emit_program(edge)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed load or export leaves nothing behind
     for stale in ("export_report.json", "model.pte"):
         (out / stale).unlink(missing_ok=True)  # nothing from an earlier export may pass for this one's
     pte_tmp = out / ".model.pte.unverified"
     report = dict(
-        options=opts.record(), rotation=describe_rotations(rotations), gptq=gptq.describe() if gptq else None, metadata=meta,
+        options=opts.record(), rotation=describe_rotations(done.rotations), gptq=done.gptq.describe() if done.gptq else None, metadata=meta,
         pte_bytes=len(manager.buffer), parts=program_parts(model),
         export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
         environment=describe_environment(),

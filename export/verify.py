@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from export.program import with_static_cache
 from runner.pte import PteProgram
 from spinquant.errors import UserError
+from spinquant.metrics import kl_per_position
 
 PROMPT = "The capital of France is"
 
@@ -30,12 +30,6 @@ class Agreement:
 
     def record(self) -> dict:
         return asdict(self)
-
-
-def kl_per_position(reference: torch.Tensor, ours: torch.Tensor) -> torch.Tensor:
-    """KL(softmax(reference) ‖ softmax(ours)) along the last dimension, in float64."""
-    ref_log, our_log = F.log_softmax(reference.double(), -1), F.log_softmax(ours.double(), -1)
-    return (ref_log.exp() * (ref_log - our_log)).sum(-1)
 
 
 @torch.no_grad()

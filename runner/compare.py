@@ -17,17 +17,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from export.gptq_weights import write_gptq_weights
-from export.quantize import quantize_for_export
-from export.verify import kl_per_position
 from runner.pte import PteProgram
 from spinquant.environment import describe_environment, environment_line
 from spinquant.errors import UserError, one_line_errors
 from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQResult
+from spinquant.metrics import kl_per_position
 from spinquant.models import load_model
-from spinquant.rotation import apply_rotations, rotations_for
+from spinquant.pipeline import prepare
+from spinquant.torchao_quant import ProgramQuant
 
 SOURCES = ("hf_fp32", "eager_quantized", "pte")
 
@@ -40,15 +39,12 @@ def export_options(pte: Path) -> dict:
 
 
 def eager_quantized(fp_model, options: dict):
-    """The export's model before torch.export: same rotation, same torchao quantization, same GPTQ integers."""
-    model = copy.deepcopy(fp_model)
-    apply_rotations(model, rotations_for(options["rotation"], model.config, options["seed"]))
-    quantize_for_export(model, options["qlinear"], options["lm_head"], options["qembedding"], options["group_size"])
-    if options.get("gptq_file"):
-        write_gptq_weights(model, GPTQResult.load(Path(options["gptq_file"])))
-    elif options.get("gptq"):
+    """The export's model before torch.export: prepare() with the program's options and its GPTQ integers."""
+    if options.get("gptq"):
         raise UserError("the program's GPTQ ran inside the export and was not saved: compare needs --gptq-file programs")
-    return model
+    quant = ProgramQuant(options["qlinear"], options["group_size"], options["qembedding"], options["lm_head"])
+    gptq = GPTQResult.load(Path(options["gptq_file"])) if options.get("gptq_file") else None
+    return prepare(copy.deepcopy(fp_model), options["rotation"], quant, gptq, seed=options["seed"])
 
 
 @torch.no_grad()

@@ -20,13 +20,14 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from export.options import LEARNED_ROTATIONS
+from spinquant.rotation import LEARNED_ROTATIONS
 from export.verify import PROMPT
 from runner.generate import generate
 from runner.pte import PteProgram
 from spinquant.environment import describe_environment, environment_line
 from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
-from spinquant.eval import evaluate, perplexity_of
+from spinquant.eval import evaluate
+from spinquant.metrics import perplexity_of
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.quant import setting
 

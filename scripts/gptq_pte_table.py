@@ -26,7 +26,7 @@ from runner.pte import PteProgram
 from spinquant.environment import environment_line
 from spinquant.errors import UserError
 from spinquant.data import read_text, text_sha256, token_windows
-from spinquant.eval import perplexity_of
+from spinquant.metrics import perplexity_of
 from spinquant.files import write_atomic, write_json_atomic
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

@@ -27,7 +27,8 @@ import torch
 
 from spinquant.environment import environment_line
 from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
-from spinquant.eval import GPTQRequest, calibration_hashes, perplexity, quantized_model, refuse_calibration_text
+from spinquant.eval import calibration_hashes, quantized_model, refuse_calibration_text
+from spinquant.metrics import perplexity
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
 from spinquant.models import load_model
@@ -55,11 +56,9 @@ METHODS: dict[str, dict | None] = {
 FAKE_QUANT = ("w4a16", "w4a8")
 
 
-def request_for(method: str, args: argparse.Namespace) -> GPTQRequest | None:
+def gptq_config_for(method: str, args: argparse.Namespace) -> GPTQConfig | None:
     choices = METHODS[method]
-    if choices is None:
-        return None
-    return GPTQRequest(GPTQConfig(windows=args.gptq_windows, seqlen=args.seqlen, **choices), args.calib_text)
+    return None if choices is None else GPTQConfig(windows=args.gptq_windows, seqlen=args.seqlen, **choices)
 
 
 def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> dict:
@@ -67,7 +66,8 @@ def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
     spec = rotation_specs(args)[rotation]
-    loaded, result = quantized_model(args.model, spec, setting("w4a16"), device=args.device, gptq=request_for(method, args))
+    loaded = quantized_model(args.model, spec, setting("w4a16"), device=args.device, gptq=gptq_config_for(method, args), calib_text=args.calib_text)
+    result = loaded.model.spinquant.gptq
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows, args.first_window)
     row = {"w4a16": perplexity(loaded.model, windows, progress=False)}
     quantize_model(loaded.model, setting("w4a8", w_bits=16))  # activations only: the weights are already quantized
@@ -82,7 +82,7 @@ def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> 
 
 def measure_fp(args: argparse.Namespace, text: str) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
-    loaded, _ = quantized_model(args.model, "none", setting("fp"), device=args.device)
+    loaded = quantized_model(args.model, "none", setting("fp"), device=args.device)
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows, args.first_window)
     return {"fp": perplexity(loaded.model, windows, progress=False)}
 

@@ -19,11 +19,12 @@ import torch
 
 from spinquant.environment import describe_environment, environment_line
 from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
-from spinquant.eval import perplexity
+from spinquant.metrics import perplexity
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import LoadedModel, load_model
-from spinquant.quant import quantize_model, setting
-from spinquant.rotation import Rotations, apply_rotations, rotations_for
+from spinquant.pipeline import prepare
+from spinquant.quant import setting
+from spinquant.rotation import Rotations, rotations_for
 
 ROTATIONS = ("none", "r4", "hadamard", "fold-only")
 GRID = [("fp", r) for r in ROTATIONS] + [
@@ -40,8 +41,7 @@ def rotations(name: str, config, r3: bool) -> Rotations:
 def measure(base: LoadedModel, quant: str, rotation: str, windows: torch.Tensor, device: str) -> float:
     qc = setting(quant)
     model = copy.deepcopy(base.model)
-    model = apply_rotations(model, rotations(rotation, model.config, qc.quantizes_kv)).to(device)
-    return perplexity(quantize_model(model, qc), windows)
+    return perplexity(prepare(model, rotations(rotation, model.config, qc.quantizes_kv), qc).to(device), windows)
 
 
 def windows_phrase(max_windows: int) -> str:

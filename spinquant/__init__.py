@@ -12,6 +12,7 @@ _API = {
     "GPTQConfig": "spinquant.gptq",
     "GPTQResult": "spinquant.gptq",
     "Rotations": "spinquant.rotation",
+    "default_rotation": "spinquant.rotation",
     "load_model": "spinquant.models",
 }
 __all__ = list(_API)

@@ -1,4 +1,4 @@
-"""`python -m runner.activations`: why rotating works, as a picture.
+"""`python -m spinquant.activations`: why rotating works, as a picture.
 
 Per-channel max |activation| over a text's tokens, at down_proj's input (what its int8 activation
 quantization sees: after the online Hadamard when R4 is on) and in the residual stream entering a
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from export.options import default_rotation
-from spinquant.errors import UserError, one_line_errors
 from spinquant.data import evaluation_text, read_text, token_windows
+from spinquant.errors import UserError, one_line_errors
 from spinquant.models import load_model
-from spinquant.rotation import apply_rotations, quantized_input_linear, rotations_for
+from spinquant.pipeline import prepare
+from spinquant.rotation import default_rotation, quantized_input_linear
 
 SITES = ("residual stream into the layer", "down_proj input")
 
@@ -68,7 +68,7 @@ def plot(before: dict, after: dict, layer: int, rotation: str, path: Path) -> No
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m runner.activations", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m spinquant.activations", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rotation", help="as export.to_pte (default: its default for the model)")
     p.add_argument("--layer", type=int, help="default: the layer whose down_proj input has the largest outlier")
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model(args.model)
     model = loaded.model.requires_grad_(False)
     rotation = args.rotation or default_rotation(args.model)
-    rotated = apply_rotations(copy.deepcopy(model), rotations_for(rotation, model.config))
+    rotated = prepare(copy.deepcopy(model), rotation)
     ids = token_windows(loaded.tokenizer, read_text(args.text), args.seqlen, 1)
     before, after = channel_max(model, ids), channel_max(rotated, ids)
     ratios = [outlier_ratio(b[SITES[1]]) for b in before]
@@ -100,5 +100,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    with one_line_errors("runner.activations"):
+    with one_line_errors("spinquant.activations"):
         main(sys.argv[1:])

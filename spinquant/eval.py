@@ -7,78 +7,41 @@ The field's convention: tokenize the whole text once, cut it into non-overlappin
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
-from transformers import LlamaForCausalLM
 
 from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_json_atomic
+from spinquant.metrics import perplexity
+from spinquant.gptq import GPTQConfig
 from spinquant.models import LoadedModel, load_model
-from spinquant.quant import SETTINGS, QuantConfig, quantize_model, setting
-from spinquant.rotation import PRESETS, apply_rotations, rotations_for
-
-if TYPE_CHECKING:
-    from spinquant.gptq import GPTQConfig, GPTQResult
-
-
-
-@dataclass(frozen=True)
-class GPTQRequest:
-    """Weights by GPTQ instead of round-to-nearest, on this calibration text."""
-
-    config: "GPTQConfig"
-    calibration: Path = dataclasses.field(default_factory=calibration_text)
-
-
-@torch.no_grad()
-def perplexity_of(logits_of: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
-    """exp(mean next-token NLL) over the windows; `logits_of(batch)` gives (batch, seqlen, vocab) logits."""
-    nll, count = 0.0, 0
-    for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="window", disable=not progress):
-        logits = logits_of(batch)[:, :-1].float()
-        targets = batch[:, 1:].to(logits.device)
-        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
-
-
-def perplexity(model: LlamaForCausalLM, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> float:
-    device = next(model.parameters()).device
-    return perplexity_of(lambda b: model(b.to(device), use_cache=False).logits, windows, batch_size, progress)
+from spinquant.pipeline import prepare
+from spinquant.quant import SETTINGS, QuantConfig, setting
+from spinquant.rotation import PRESETS
 
 
 def quantized_model(
-    model_name: str, rotation: str, qc: QuantConfig, seed: int = 0, dtype=torch.float32,
-    device: str = "cpu", gptq: GPTQRequest | None = None,
-) -> tuple[LoadedModel, "GPTQResult | None"]:
-    """Load fresh, rotate, quantize the weights (RTN, or GPTQ when asked), fake-quantize activations and K/V."""
-    from spinquant.gptq import rotation_id, run_gptq  # spinquant.gptq imports this module
-
+    model_name: str, rotation: str, qc: QuantConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: str = "cpu", gptq: GPTQConfig | None = None, calib_text: Path | None = None,
+) -> LoadedModel:
+    """Load fresh and prepare() with fake quantization (GPTQ on `calib_text` when asked), on `device`."""
     loaded = load_model(model_name, dtype)
-    model = apply_rotations(loaded.model, rotations_for(rotation, loaded.model.config, seed, r3=qc.quantizes_kv)).to(device)
-    result = None
-    if gptq is not None:
-        result = run_gptq(model, loaded.tokenizer, gptq.calibration, gptq.config, torch.device(device), model_name, rotation_id(rotation, seed))
-        qc = dataclasses.replace(qc, w_bits=16)  # the weights hold GPTQ's values already
-    quantize_model(model, qc)
-    return loaded, result
+    prepare(loaded.model, rotation, qc, gptq, tokenizer=loaded.tokenizer, calib_text=calib_text, seed=seed, device=device)
+    loaded.model.to(device)
+    return loaded
 
 
 def evaluate(
-    model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: int = 0, dtype=torch.float32,
-    device: str = "cpu", gptq: GPTQRequest | None = None,
+    model_name: str, rotation: str, qc: QuantConfig, windows_of, seed: int = 0, dtype: torch.dtype = torch.float32,
+    device: str = "cpu", gptq: GPTQConfig | None = None, calib_text: Path | None = None,
 ) -> float:
     """Perplexity of quantized_model(...); `windows_of(tokenizer)` gives the token windows."""
-    loaded, _ = quantized_model(model_name, rotation, qc, seed, dtype, device, gptq)
+    loaded = quantized_model(model_name, rotation, qc, seed, dtype, device, gptq, calib_text)
     return perplexity(loaded.model, windows_of(loaded.tokenizer))
 
 
@@ -102,8 +65,6 @@ def refuse_calibration_text(text: Path, text_hash: str, hashes: dict[str, str]) 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from spinquant.gptq import GPTQConfig  # spinquant.gptq imports this module
-
     p = argparse.ArgumentParser(prog="python -m spinquant.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file or HF directory")
     p.add_argument("--rotation", default="none", help="none | r4 | hadamard | orthogonal | rotation file")
@@ -138,17 +99,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def gptq_request_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQRequest | None:
-    from spinquant.gptq import GPTQConfig  # spinquant.gptq imports this module
-
+def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConfig | None:
     if not args.w_gptq:
         return None
     if qc.w_bits >= 16:
         raise UserError("--w-gptq needs quantized weights: a setting such as w4a8, or --w-bits")
     if not qc.w_sym:
         raise UserError("--w-gptq computes symmetric scales (torchao's 8da4w); drop --w-asym")
-    if qc.lm_head:
-        raise UserError("--w-gptq quantizes the decoder's linears only; drop --quantize-lm-head")
+    if args.quantize_lm_head:
+        raise UserError("--w-gptq quantizes the decoder's linears only; drop --quantize-lm-head (or use --quant w4a8-export: an 8-bit lm_head)")
     if args.gptq_windows < 1:
         raise UserError("--gptq-windows must be at least 1")
     if qc.w_clip_search:
@@ -157,7 +116,7 @@ def gptq_request_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQReq
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.seqlen, scale_dtype=args.gptq_scale_dtype,
     )
-    return GPTQRequest(config, args.calib_text)
+    return config
 
 
 def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
@@ -175,11 +134,12 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     qc = quant_config_from_args(args)
-    gptq = gptq_request_from_args(args, qc)
+    gptq = gptq_config_from_args(args, qc)
     text = read_text(args.text)
-    refuse_calibration_text(args.text, text_sha256(text), calibration_hashes(args.rotation, gptq and gptq.calibration))
+    refuse_calibration_text(args.text, text_sha256(text), calibration_hashes(args.rotation, args.calib_text if gptq else None))
     start = time.time()
-    loaded, gptq_result = quantized_model(args.model, args.rotation, qc, args.seed, device=args.device, gptq=gptq)
+    loaded = quantized_model(args.model, args.rotation, qc, args.seed, device=args.device, gptq=gptq, calib_text=args.calib_text)
+    gptq_result = loaded.model.spinquant.gptq
     ppl = perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows))
     result = dict(
         model=args.model, rotation=args.rotation, quant=asdict(qc), text=str(args.text), text_sha256=text_sha256(text),

@@ -71,7 +71,7 @@ class GPTQConfig:
     windows: int = 128
     seqlen: int = 2048
     block: int = 128  # columns per lazy batch update
-    scale_dtype: str = "bf16"  # the export's 8da4w scales (export/quantize.py)
+    scale_dtype: str = "bf16"  # the export's 8da4w scales (spinquant/torchao_quant.py)
     # Calibration inputs fake-quantized per token (asymmetric) to this many bits; 16 = full precision, as
     # SpinQuant's gptq_utils. 8 = the int8 inputs the 8da4w program multiplies the weights with.
     act_bits: int = 8
@@ -145,6 +145,43 @@ def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight:
     if not all(isinstance(parts.get(key), torch.Tensor) for key in ("qdata", "scale")):
         raise UserError(f"GPTQ file {path}: {name} lacks a qdata or scale tensor; {GPTQ_REMEDY}")
     return QuantizedWeight(parts["qdata"], parts["scale"])
+
+
+def check_result_fits(result: GPTQResult, source: str, model: LlamaForCausalLM, model_name: str, rotation: str, group: int) -> None:
+    """A saved result (the export's --gptq-file) made for another model, rotation or group size is refused before its weights go in.
+
+    `model` is already rotated (down_proj's linear sits inside its online-Hadamard wrapper, as GPTQ saw it);
+    `rotation` is rotation_id() of the rotation it was rotated with; `source` names the result in errors.
+    """
+    if not same_model(result.model, model_name):
+        raise misfit(source, f"was made for the model {result.model}, the export is of {model_name}")
+    if result.config.group != group:
+        raise misfit(source, f"was made with group size {result.config.group}, the export uses --group-size {group}")
+    if result.rotation != rotation:
+        raise misfit(source, f"was made under rotation {result.rotation}, the export uses {rotation}")
+    linears = decoder_linears(model)
+    if missing := sorted(linears.keys() - result.weights.keys()):
+        raise misfit(source, f"has no weights for {missing[0]} ({len(missing)} linears of this model missing)")
+    if extra := sorted(result.weights.keys() - linears.keys()):
+        raise misfit(source, f"has weights for {extra[0]}, which is not a decoder linear of this model")
+    for name, qw in result.weights.items():
+        out, inputs = linears[name].weight.shape
+        if qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):
+            raise misfit(source, f"holds {tuple(qw.qdata.shape)} integers with {tuple(qw.scale.shape)} scales for {name}, whose weight is ({out}, {inputs})")
+
+
+def misfit(source: str, problem: str) -> UserError:
+    return UserError(f"the GPTQ file {source} {problem}; {GPTQ_REMEDY}")
+
+
+def same_model(saved: str, given: str) -> bool:
+    """The same name, or two spellings of one model directory or file."""
+    return saved == given or (Path(saved).exists() and Path(saved).resolve() == Path(given).resolve())
+
+
+def decoder_linears(model: LlamaForCausalLM) -> dict[str, nn.Linear]:
+    """Every linear GPTQ quantizes, by module name (down_proj's inside its online-Hadamard wrapper)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
 
 
 def rotation_id(spec: str, seed: int) -> str:

@@ -149,6 +149,12 @@ def demo_hf_dir(name: str) -> Path:
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """A built-in demo name, a .gguf file or a local HF directory; never a hub download."""
+    loaded = _load_by_kind(name_or_path, dtype)
+    loaded.model.name_or_path = name_or_path  # what GPTQ results and reports record: the name the user gave
+    return loaded
+
+
+def _load_by_kind(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
     if name_or_path in DEMO_MODELS:
         loaded = load_hf_dir(demo_hf_dir(name_or_path), dtype)
         return LoadedModel(loaded.model, loaded.tokenizer, name_or_path)

@@ -20,6 +20,8 @@ from spinquant.errors import UserError
 from spinquant.torch_files import describe_type, load_torch_file
 
 PRESETS = ("none", "r4", "hadamard", "orthogonal")
+# The best rotation measured for each built-in model (results/learned_rotation_smollm2.md); r4 elsewhere.
+LEARNED_ROTATIONS = {"smollm2-135m": Path(__file__).resolve().parent / "rotations" / "smollm2_w4a8.pt"}
 
 
 @dataclass
@@ -43,6 +45,11 @@ class OnlineHadamardLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(torch.ops.spinquant.hadamard_transform(x))
+
+
+def default_rotation(model: str) -> str:
+    learned = LEARNED_ROTATIONS.get(model)
+    return str(learned) if learned is not None and learned.is_file() else "r4"
 
 
 def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = False) -> Rotations:

@@ -1,7 +1,10 @@
-"""Real quantization for export with torchao: the tensor layouts XNNPACK lowers."""
+"""Real quantization with torchao: the tensor layouts XNNPACK lowers, as the exported program holds them."""
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 from torchao.quantization import (
     Int8DynamicActivationIntxWeightConfig,
     IntxWeightOnlyConfig,
@@ -12,7 +15,27 @@ from torchao.quantization import (
 from transformers import LlamaForCausalLM
 
 from spinquant.errors import UserError
+from spinquant.gptq import GPTQResult, QuantizedWeight
 from spinquant.rotation import untie_embeddings
+
+QLINEAR = ("8da4w", "8da8w", "4w", "none")
+QEMBEDDING = ("8w", "4w", "none")
+LM_HEAD = ("8da8w", "8da4w", "8w", "none")
+
+
+@dataclass(frozen=True)
+class ProgramQuant:
+    """The program's quantization: decoder linears, lm_head and embedding as torchao tensors.
+
+    The default is Meta's shipped Llama 3.2 SpinQuant recipe: 8da4w group 32, 8-bit lm_head and embedding.
+    """
+
+    qlinear: str = "8da4w"
+    group_size: int = 32
+    qembedding: str = "8w"
+    lm_head: str = "8da8w"
+
+    quantizes_kv = False  # the program's KV cache is float
 
 
 def linear_config(scheme: str, group_size: int):
@@ -36,33 +59,66 @@ def embedding_config(scheme: str, group_size: int):
     }[scheme]()
 
 
-def check_group_size(model: LlamaForCausalLM, qlinear: str, lm_head: str, qembedding: str, group_size: int) -> None:
+def check_group_size(model: LlamaForCausalLM, quant: ProgramQuant) -> None:
     """A group size that does not divide a quantized layer is refused before quantizing anything."""
+    qlinear, lm_head, group_size = quant.qlinear, quant.lm_head, quant.group_size
     grouped = [
         (name, m.in_features)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and ((name == "lm_head" and lm_head == "8da4w") or (name != "lm_head" and qlinear in ("8da4w", "4w")))
     ]
-    if qembedding == "4w":
+    if quant.qembedding == "4w":
         grouped.append(("model.embed_tokens", model.config.hidden_size))
     for name, n in grouped:
         if n % group_size:
             raise UserError(f"--group-size {group_size} does not divide {name}'s {n} inputs")
 
 
-def quantize_for_export(model: LlamaForCausalLM, qlinear: str, lm_head: str, qembedding: str, group_size: int) -> LlamaForCausalLM:
-    check_group_size(model, qlinear, lm_head, qembedding, group_size)
+def quantize_for_export(model: LlamaForCausalLM, quant: ProgramQuant) -> LlamaForCausalLM:
+    check_group_size(model, quant)
     # padding_idx only shapes training gradients, and ExecuTorch's fusion of a dequantized
     # embedding into its quantized-embedding kernel matches only the default (none).
     model.model.embed_tokens.padding_idx = None
-    if qembedding != "none" or lm_head != "none":
+    if quant.qembedding != "none" or quant.lm_head != "none":
         untie_embeddings(model)  # embedding and lm_head get different tensor layouts
     decoder = lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head"  # noqa: E731
     for config, only in (
-        (linear_config(qlinear, group_size), decoder),
-        (linear_config(lm_head, group_size), lambda m, fqn: fqn == "lm_head"),
-        (embedding_config(qembedding, group_size), lambda m, fqn: isinstance(m, nn.Embedding)),
+        (linear_config(quant.qlinear, quant.group_size), decoder),
+        (linear_config(quant.lm_head, quant.group_size), lambda m, fqn: fqn == "lm_head"),
+        (embedding_config(quant.qembedding, quant.group_size), lambda m, fqn: isinstance(m, nn.Embedding)),
     ):
         if config is not None:
             quantize_(model, config, filter_fn=only)
     return model
+
+
+def write_gptq_weights(model: LlamaForCausalLM, result: GPTQResult) -> None:
+    """GPTQ's integers and scales into every decoder linear's torchao 8da4w tensor, bit for bit.
+
+    torchao's quantize_ rounded the weights to nearest again; its IntxUnpackedToInt8Tensor (qdata int8,
+    scale, zero point) is rebuilt from GPTQ's integers and scales, nothing recomputed.
+    """
+    decoder = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+    if missing := sorted(decoder - set(result.weights)):
+        raise UserError(f"the GPTQ result has no weights for {missing[0]} ({len(missing)} linears missing)")
+    for name, qw in result.weights.items():
+        if name not in decoder:
+            raise UserError(f"the GPTQ result has weights for {name}, which is not a decoder linear of this model")
+        linear = model.get_submodule(name)
+        linear.weight = nn.Parameter(gptq_tensor(linear.weight, qw, name), requires_grad=False)
+
+
+def gptq_tensor(current: torch.Tensor, qw: QuantizedWeight, name: str) -> IntxUnpackedToInt8Tensor:
+    if not isinstance(current, IntxUnpackedToInt8Tensor) or current.target_dtype != torch.int4:
+        raise UserError(f"{name} is not an int4 8da4w weight; GPTQ needs --qlinear 8da4w")
+    if current.qdata.shape != qw.qdata.shape or current.scale.shape != qw.scale.shape or current.scale.dtype != qw.scale.dtype:
+        raise UserError(f"{name}: the GPTQ weights {tuple(qw.qdata.shape)}/{tuple(qw.scale.shape)} do not fit the model's")
+    return IntxUnpackedToInt8Tensor(
+        qdata=qw.qdata.to(current.qdata.device),
+        scale=qw.scale.to(current.scale.device),
+        zero_point=torch.zeros_like(current.zero_point),
+        target_dtype=current.target_dtype,
+        block_size=current.block_size,
+        dtype=current.dtype,
+        activation_quantization=current.activation_quantization,
+    )

@@ -6,7 +6,8 @@ import torch
 
 from spinquant.errors import UserError
 from spinquant.data import token_windows
-from spinquant.eval import cli, main, perplexity
+from spinquant.eval import cli, main
+from spinquant.metrics import perplexity
 from spinquant.models import load_model, tiny_llama, tiny_llama_config
 
 

@@ -3,21 +3,21 @@ import json
 import pytest
 import torch
 
-from export.options import LEARNED_ROTATIONS, ExportOptions
+from export.options import ExportOptions
 from export.program import with_static_cache
 from export.to_pte import main, parse_args, run
+from export.verify import check_agreement, compare_with_eager
 from runner.pte import PteProgram
 from spinquant.errors import UserError
+from spinquant.metrics import kl_per_position
 from spinquant.models import load_model
-from spinquant.rotation import apply_rotations, rotations_for
-from export.quantize import quantize_for_export
-from export.verify import check_agreement, compare_with_eager, kl_per_position
+from spinquant.pipeline import prepare
+from spinquant.rotation import LEARNED_ROTATIONS
 
 
 def eager_quantized(opts: ExportOptions):
     model = load_model(opts.model).model.requires_grad_(False)
-    apply_rotations(model, rotations_for(opts.rotation, model.config, opts.seed))
-    return quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
+    return prepare(model, opts.rotation, opts.program_quant(), seed=opts.seed)
 
 
 def assert_program_matches_eager(opts: ExportOptions, steps: int = 8, tol: float = 1e-3):

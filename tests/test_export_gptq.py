@@ -1,42 +1,31 @@
 import pytest
 import torch
 
-from export.gptq_weights import write_gptq_weights
 from export.options import ExportOptions
 from export.program import with_static_cache
-from export.quantize import quantize_for_export
 from export.to_pte import run
 from runner.pte import PteProgram
 from spinquant.errors import UserError
-from spinquant.data import text_sha256, token_windows
-from spinquant.gptq import GPTQConfig, GPTQResult, gptq_model, rotation_id
+from spinquant.gptq import GPTQConfig, GPTQResult
 from spinquant.models import load_model
-from spinquant.rotation import apply_rotations, rotations_for
-
-
-def rotated(model_dir, rotation: str = "r4"):
-    loaded = load_model(str(model_dir))
-    return loaded, apply_rotations(loaded.model.requires_grad_(False), rotations_for(rotation, loaded.model.config))
+from spinquant.pipeline import prepare
+from spinquant.quant import setting
 
 
 @pytest.fixture(scope="module")
 def gptq_file(tiny_hf_dir, tmp_path_factory):
     """GPTQ of the tiny model under R4 on 4 windows of 64 tokens, saved as `spinquant.eval --gptq-output` does."""
-    loaded, model = rotated(tiny_hf_dir)
-    text = (tiny_hf_dir.parent / "text.txt").read_text()
+    loaded = load_model(str(tiny_hf_dir))
     cfg = GPTQConfig(group=32, windows=4, seqlen=64)
-    weights = gptq_model(model, token_windows(loaded.tokenizer, text, 64, 4), cfg, torch.device("cpu"), progress=False)
+    model = prepare(loaded.model, "r4", setting("w4a8"), cfg, tokenizer=loaded.tokenizer, calib_text=tiny_hf_dir.parent / "text.txt")
     path = tmp_path_factory.mktemp("gptq") / "gptq.pt"
-    GPTQResult(weights, cfg, str(tiny_hf_dir), rotation_id("r4", 0), "text.txt", text_sha256(text), 4, 0.0).save(path)
+    model.spinquant.gptq.save(path)
     return path
 
 
 def eager_8da4w(model_dir, opts: ExportOptions, gptq: GPTQResult | None):
-    _, model = rotated(model_dir, opts.rotation)
-    quantize_for_export(model, opts.qlinear, opts.lm_head, opts.qembedding, opts.group_size)
-    if gptq is not None:
-        write_gptq_weights(model, gptq)
-    return model
+    model = load_model(str(model_dir)).model.requires_grad_(False)
+    return prepare(model, opts.rotation, opts.program_quant(), gptq, seed=opts.seed)
 
 
 def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, tmp_path):

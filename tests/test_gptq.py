@@ -7,10 +7,10 @@ import pytest
 import torch
 from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerGroup, quantize_
 
-from export.quantize import linear_config
+from spinquant.torchao_quant import linear_config
 from spinquant.errors import UserError
 from spinquant.data import text_sha256
-from spinquant.eval import gptq_request_from_args, parse_args
+from spinquant.eval import gptq_config_from_args, parse_args
 from spinquant.eval import main as eval_main
 from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer, upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config
@@ -192,9 +192,9 @@ def test_default_gptq_is_gptaq_with_mse_clip_and_int8_inputs():
     cfg = GPTQConfig()
     assert not cfg.act_order and cfg.clip_search and cfg.act_bits == 8 and cfg.asymmetric == 0.5
     qc = setting("w4a8")
-    default = gptq_request_from_args(parse_args(["--quant", "w4a8", "--w-gptq"]), qc).config
+    default = gptq_config_from_args(parse_args(["--quant", "w4a8", "--w-gptq"]), qc)
     assert default == GPTQConfig(seqlen=2048)
-    off = gptq_request_from_args(parse_args(["--w-gptq", "--no-gptq-act-order", "--no-gptq-clip-search"]), qc).config
+    off = gptq_config_from_args(parse_args(["--w-gptq", "--no-gptq-act-order", "--no-gptq-clip-search"]), qc)
     assert not off.act_order and not off.clip_search
 
 

@@ -9,9 +9,10 @@ from spinquant import optimize
 from spinquant.errors import UserError
 from spinquant.models import tiny_llama, tiny_llama_config
 from spinquant.optimize import Plan, learn, rotation_bytes, sample_order
-from spinquant.quant import setting, quantize_model
+from spinquant.pipeline import prepare
+from spinquant.quant import setting
 from spinquant.rotated_model import RotatedLlama
-from spinquant.rotation import apply_rotations, rotations_for
+from spinquant.rotation import rotations_for
 
 CONFIG = dict(hidden=64, intermediate=128, heads=4, kv_heads=2, layers=2)
 CPU = torch.device("cpu")
@@ -50,7 +51,7 @@ def test_rotated_model_matches_fused_and_quantized_reference_in_float64(recipe):
     ids = windows(2, 24)
     with torch.no_grad():
         ours = RotatedLlama(copy.deepcopy(model), rot, qc, torch.float64)(ids)
-        reference = quantize_model(apply_rotations(copy.deepcopy(model), rot), qc)(ids).logits
+        reference = prepare(copy.deepcopy(model), rot, qc)(ids).logits
     assert (ours - reference).abs().max() < 1e-6 * reference.abs().max()
 
 
@@ -89,7 +90,7 @@ def test_learned_rotation_file_leaves_full_precision_logits_unchanged(tmp_path):
         ref = model(ids).logits
         rot = rotations_for(str(path), model.config)
         assert not torch.allclose(rot.r1, rotations_for("hadamard", model.config, seed=0).r1, atol=1e-3)  # it learned
-        rotated = apply_rotations(model, rot)(ids).logits
+        rotated = prepare(model, rot)(ids).logits
     assert (rotated - ref).abs().max() < 1e-5
 
 

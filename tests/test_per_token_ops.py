@@ -3,7 +3,7 @@ from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeig
 
 from export.per_token_ops import PER_TOKEN, PerTokenInt8Linear, per_token_linear
 from export.program import export_program
-from export.quantize import quantize_for_export
+from spinquant.torchao_quant import ProgramQuant, quantize_for_export
 from spinquant.models import load_model
 from spinquant.rotation import OnlineHadamardLinear
 
@@ -43,7 +43,7 @@ def test_the_online_hadamard_wrapper_gets_a_new_one_and_the_models_stays():
 
 def test_exported_program_has_per_token_ops_before_every_linear_and_no_torchao_activation_ops(tiny_hf_dir):
     model = load_model(str(tiny_hf_dir)).model.requires_grad_(False)
-    quantize_for_export(model, "8da4w", "8da8w", "8w", 32)
+    quantize_for_export(model, ProgramQuant())
     targets = [n.target for n in export_program(model, 32).graph.nodes if n.op == "call_function"]
     linears = targets.count(torch.ops.aten.linear.default)  # q/k/v and gate/up run fused
     for op in (PER_TOKEN.choose_qparams_per_token_asymmetric, PER_TOKEN.quantize_per_token, PER_TOKEN.dequantize_per_token):

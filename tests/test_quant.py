@@ -97,14 +97,14 @@ def test_group_that_does_not_divide_a_layer_is_refused():
 
 
 def test_export_setting_matches_the_torchao_model_the_export_lowers():
-    """`w4a8-export` fake quantization computes what export/quantize.py's torchao model computes."""
-    from export.quantize import quantize_for_export
+    """`w4a8-export` fake quantization computes what spinquant/torchao_quant.py's torchao model computes."""
+    from spinquant.torchao_quant import ProgramQuant, quantize_for_export
 
     torch.manual_seed(0)
     model = tiny_llama(tiny_llama_config(), dtype=torch.float32).requires_grad_(False)
     ids = torch.randint(0, model.config.vocab_size, (1, 24))
     fake = quantize_model(copy.deepcopy(model), setting("w4a8-export"))
-    torchao = quantize_for_export(copy.deepcopy(model), "8da4w", "8da8w", "8w", 32)
+    torchao = quantize_for_export(copy.deepcopy(model), ProgramQuant())
     decoder_only = quantize_model(copy.deepcopy(model), setting("w4a8"))
     with torch.no_grad():
         expected, ours, other = torchao(ids).logits, fake(ids).logits, decoder_only(ids).logits

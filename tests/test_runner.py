@@ -189,7 +189,7 @@ def test_missing_program_is_refused(tmp_path):
 def test_compare_separates_quantization_from_export_error(program_dir, tiny_hf_dir, tmp_path):
     from runner.compare import main as compare_main
     from spinquant.data import token_windows
-    from spinquant.eval import perplexity, perplexity_of
+    from spinquant.metrics import perplexity, perplexity_of
 
     out = tmp_path / "cmp"
     text = tiny_hf_dir.parent / "text.txt"
@@ -216,7 +216,7 @@ def test_compare_needs_the_export_report(program_dir, tmp_path):
 
 
 def test_activation_maxima_are_taken_where_quantization_sees_them(tiny_hf_dir, tmp_path):
-    from runner.activations import SITES, channel_max, main as activations_main
+    from spinquant.activations import SITES, channel_max, main as activations_main
     from spinquant.hadamard import hadamard_matrix
     from spinquant.rotation import apply_rotations, rotations_for
 

@@ -1,0 +1,100 @@
+"""`prepare(model, rotation, quant, gptq)`: the one way from a float model to a rotated, quantized one.
+
+rotate (R1/R2 fused exactly, R4 folded with its online Hadamard, R3 when the KV cache is quantized)
+→ GPTQ's integers when asked (run now on a calibration text, or a saved result) → quantize, either
+as fake quantization (`QuantConfig`: what evaluation measures) or as torchao tensors
+(`ProgramQuant`: what the exported program holds). Evaluation, the export, the comparison against
+the program and the scripts all call it; nothing else chains these steps.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
+from spinquant.data import calibration_text
+from spinquant.errors import UserError
+from spinquant.gptq import GPTQConfig, GPTQResult, rotation_id, run_gptq
+from spinquant.quant import QuantConfig, check_groups, quantize_model
+from spinquant.rotation import Rotations, apply_rotations, rotations_for
+from spinquant.torchao_quant import ProgramQuant, check_group_size, quantize_for_export, write_gptq_weights
+
+
+@dataclass
+class Prepared:
+    """What prepare() did, kept on the model as `model.spinquant`: for reports, and to save GPTQ's result."""
+
+    rotation: str  # the spec given (a preset name or a file), "custom" for a Rotations object
+    rotations: Rotations
+    quant: QuantConfig | ProgramQuant
+    gptq: GPTQResult | None
+
+
+def prepare(
+    model: LlamaForCausalLM,
+    rotation: str | Rotations = "none",
+    quant: QuantConfig | ProgramQuant = QuantConfig(),
+    gptq: GPTQConfig | GPTQResult | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    calib_text: Path | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> LlamaForCausalLM:
+    """Rotate, (GPTQ), quantize `model` in place and return it.
+
+    rotation: none | r4 | hadamard | orthogonal | a rotation file | a Rotations object (random ones drawn from `seed`).
+    gptq: a GPTQConfig runs GPTQ now on `calib_text` (default: the packaged calibration text) with `tokenizer`,
+    on `device` (default: the model's); a GPTQResult puts saved integers in (made under the same rotation).
+    """
+    rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.quantizes_kv)
+    spec = "custom" if isinstance(rotation, Rotations) else rotation
+    check_fits(model, quant, gptq)
+    apply_rotations(model, rotations)
+    result = gptq
+    if isinstance(gptq, GPTQConfig):
+        if tokenizer is None:
+            raise UserError("GPTQ needs the model's tokenizer for its calibration text")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, device, model.name_or_path, rotation_id(spec, seed))
+    elif isinstance(gptq, GPTQResult):
+        put_gptq_weights(model, gptq)
+    quantize(model, quant, result)
+    model.spinquant = Prepared(spec, rotations, quant, result)
+    return model
+
+
+def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GPTQResult | None) -> None:
+    """Settings that cannot work on this model are refused before minutes of rotation and GPTQ."""
+    if isinstance(quant, ProgramQuant):
+        check_group_size(model, quant)
+        if gptq is not None and quant.qlinear != "8da4w":
+            raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {quant.qlinear}")
+        bits, group = 4, quant.group_size
+    else:
+        check_groups(model, quant)
+        bits, group = quant.w_bits, quant.w_group
+    if gptq is not None:
+        cfg = gptq if isinstance(gptq, GPTQConfig) else gptq.config
+        if (cfg.bits, cfg.group) != (bits, group):
+            raise UserError(f"the GPTQ weights are int{cfg.bits} in groups of {cfg.group}; this quantization needs int{bits} in groups of {group}")
+
+
+@torch.no_grad()
+def put_gptq_weights(model: LlamaForCausalLM, result: GPTQResult) -> None:
+    """A saved result's dequantized values into the rotated float model, as running GPTQ leaves them."""
+    for name, qw in result.weights.items():
+        linear = model.get_submodule(name)
+        linear.weight.data = qw.dequantize().to(linear.weight.device, linear.weight.dtype)
+
+
+def quantize(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: GPTQResult | None) -> None:
+    if isinstance(quant, ProgramQuant):
+        quantize_for_export(model, quant)
+        if gptq is not None:
+            write_gptq_weights(model, gptq)  # torchao rounded to nearest: GPTQ's integers replace its own
+    else:
+        # The weights hold GPTQ's values already: only activations and K/V are left to quantize.
+        quantize_model(model, dataclasses.replace(quant, w_bits=16) if gptq is not None else quant)

@@ -112,9 +112,20 @@ def silence_known_noise() -> None:
         sys.stderr = _LineDroppingStream(sys.stderr, STDERR_NOISE_PREFIX)
 
 
+class _AppliedAtImport(argparse.Action):
+    """-v/--verbose: read from sys.argv when the package was imported, so nothing is stored (a CLI
+    that turns its namespace into options, as export.to_pte does, never sees it)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        pass
+
+
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
-    """Let `parser` accept and document -v/--verbose; the flag itself takes effect at import."""
+    """Let `parser` accept and document -v/--verbose."""
     parser.add_argument(
-        "-v", "--verbose", action="store_true",
+        "-v", "--verbose", action=_AppliedAtImport,
         help="show the libraries' start-up notices and warnings (also SPINQUANT_VERBOSE=1)",
     )

@@ -1,3 +1,4 @@
+import argparse
 import io
 import json
 import os
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from spinquant.quiet import STDERR_NOISE_PREFIX, WARNING_NOISE, _LineDroppingStream, verbose_requested
+from spinquant.quiet import STDERR_NOISE_PREFIX, WARNING_NOISE, _LineDroppingStream, add_verbose_flag, verbose_requested
 
 # A line of each known notice: torchao's, torch's pytree's, ExecuTorch's (export), cpuinfo's.
 NOISE = ("Failed to load", "register_constant()", "FutureWarning", "Mutation on a buffer", "midr")
@@ -35,6 +36,13 @@ def test_verbose_flag_shows_them():
 def test_verbose_environment_variable(monkeypatch, value, verbose):
     monkeypatch.setenv("SPINQUANT_VERBOSE", value)
     assert verbose_requested() is verbose
+
+
+def test_verbose_flag_is_accepted_documented_and_not_stored():
+    parser = argparse.ArgumentParser()
+    add_verbose_flag(parser)
+    assert vars(parser.parse_args(["-v"])) == vars(parser.parse_args(["--verbose"])) == vars(parser.parse_args([])) == {}
+    assert "-v, --verbose" in parser.format_help()
 
 
 def test_importing_the_library_adds_only_the_known_filters_and_keeps_stderr():

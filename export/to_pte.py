@@ -25,6 +25,7 @@ from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
+from spinquant.quiet import add_verbose_flag
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--gptq-windows", type=int, help=f"calibration windows for --gptq (default {d.gptq_windows})")
     p.add_argument("--calib-text", type=Path, help="calibration text for --gptq (default: the packaged WikiText-2 calib.txt)")
     p.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip running the .pte against eager")
+    add_verbose_flag(p)
     args = vars(p.parse_args(argv))
     values = options_from_yaml(args.pop("config")) if args.get("config") else {}
     values.update({k: v for k, v in args.items() if v is not None})

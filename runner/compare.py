@@ -26,6 +26,7 @@ from spinquant.gptq import GPTQResult
 from spinquant.metrics import kl_per_position
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
+from spinquant.quiet import add_verbose_flag
 from spinquant.torchao_quant import ProgramQuant
 
 SOURCES = ("hf_fp32", "eager_quantized", "pte")
@@ -132,6 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (at most the program's max_seq_len)")
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--output", type=Path, default=Path("results/compare"), help="path stem for .md, .json and .png")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

@@ -17,6 +17,7 @@ from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
+from spinquant.quiet import add_verbose_flag
 from spinquant.rotation import default_rotation, quantized_input_linear
 
 SITES = ("residual stream into the layer", "down_proj input")
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--output", type=Path, default=Path("results/activations.png"))
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

@@ -22,6 +22,7 @@ from spinquant.gptq import GPTQConfig
 from spinquant.models import LoadedModel, load_model
 from spinquant.pipeline import prepare
 from spinquant.quant import SETTINGS, QuantConfig, setting
+from spinquant.quiet import add_verbose_flag
 from spinquant.rotation import PRESETS
 
 
@@ -96,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-text", type=Path, default=calibration_text(), help="GPTQ's calibration text (never the evaluation text)")
     p.add_argument("--gptq-output", type=Path, help="save GPTQ's integers and scales here (for export.to_pte --gptq-file)")
     p.add_argument("--output", type=Path, help="JSON file for the result")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

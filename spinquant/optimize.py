@@ -29,6 +29,7 @@ from spinquant.data import calibration_text, read_text, text_sha256, token_windo
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.quant import SETTINGS, QuantConfig
+from spinquant.quiet import add_verbose_flag
 from spinquant.rotated_model import RotatedLlama
 from spinquant.rotation import rotations_for
 
@@ -243,6 +244,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --output")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward: less memory")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 

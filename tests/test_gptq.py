@@ -152,6 +152,15 @@ def test_eval_with_gptq_records_the_calibration_and_saves_integers(tiny_hf_dir, 
     assert saved.calibration_sha256 == gptq["gptq"]["calibration_sha256"] and len(saved.weights) == 14
 
 
+def test_eval_with_gptq_on_the_export_setting_keeps_its_8bit_lm_head_and_embedding(tiny_hf_dir, calib_text):
+    """`--quant w4a8-export --w-gptq` is what `export.to_pte --gptq` builds: GPTQ decoder, RTN 8-bit lm_head and embedding."""
+    args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--w-gptq",
+            "--calib-text", str(calib_text), "--gptq-windows", "4"]
+    export_setting, decoder_only = eval_main(args + ["--quant", "w4a8-export"]), eval_main(args + ["--quant", "w4a8"])
+    assert export_setting["quant"]["lm_head_bits"] == 8 and export_setting["gptq"]["windows"] == 4
+    assert math.isfinite(export_setting["perplexity"]) and export_setting["perplexity"] != decoder_only["perplexity"]
+
+
 def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
     text = tiny_hf_dir.parent / "text.txt"
     args = ["--model", str(tiny_hf_dir), "--text", str(text), "--seqlen", "64", "--quant", "w4a8"]

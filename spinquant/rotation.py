@@ -95,7 +95,8 @@ def _checked_rotation(state: dict, key: str, n: int, path: Path) -> torch.Tensor
         return UserError(f"rotation file {path}: {problem}: {ROTATION_REMEDY}")
 
     if key not in state:
-        raise refuse(f"no '{key}' (was it learned for a model with fewer layers, or is it another kind of file?)")
+        hint = "not SpinQuant's layout" if key == "R1" else "learned for a model with fewer layers?"
+        raise refuse(f"no '{key}' ({hint})")
     r = state[key]
     if not isinstance(r, torch.Tensor):
         raise refuse(f"'{key}' is {describe_type(r)}, not a tensor")

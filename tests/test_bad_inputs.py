@@ -70,7 +70,7 @@ ROTATION_FILES = {
     "empty": (lambda: b"", "corrupt, truncated or not a torch file"),
     "a list": (lambda: torch_bytes([1, 2, 3]), "holds a list, not a dict of R1 and R2s"),
     "a tensor": (lambda: torch_bytes(torch.eye(64)), "holds a Tensor, not a dict of R1 and R2s"),
-    "wrong keys": (lambda: torch_bytes({"weight": torch.eye(64)}), "no 'R1'"),
+    "wrong keys": (lambda: torch_bytes({"weight": torch.eye(64)}), "no 'R1' (not SpinQuant's layout)"),
     "another model's": (lambda: REAL_ROTATION.read_bytes(), "'R1' is (576, 576), the model needs (64, 64)"),
     "too few layers": (lambda: torch_bytes({k: v for k, v in tiny_rotations().items() if "layers.1" not in k}), "no 'model.layers.1.self_attn.R2'"),
     "not orthogonal": (lambda: torch_bytes({**tiny_rotations(), "R1": torch.eye(64) * 2}), "'R1' is not orthonormal"),
@@ -263,13 +263,13 @@ def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
     export_refuses(capsys, tmp_path / "out", "--config", str(config))
 
 
-@pytest.mark.xfail(strict=True, reason="export/options.py must refuse it (see tests/bad_inputs.md); today out.mkdir's FileExistsError is a traceback")
 def test_an_output_dir_that_is_a_file_is_one_line(tiny_hf_dir, tmp_path, capsys):
     taken = tmp_path / "out"
     taken.write_text("not a directory")
     with pytest.raises(SystemExit) as exit_:
         export_main(["--model", str(tiny_hf_dir), "--output-dir", str(taken), "--max-seq-len", "32"])
-    assert exit_.value.code == 2 and "is a file" in the_error_line(capsys, "export.to_pte")
+    assert exit_.value.code == 2 and f"--output-dir {taken} is a file; give a directory" in the_error_line(capsys, "export.to_pte")
+    assert taken.read_text() == "not a directory"
 
 
 @pytest.mark.parametrize(

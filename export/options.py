@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from spinquant.errors import UserError
-from spinquant.gptq import GPTQConfig, GPTQResult
+from spinquant.gptq import GPTQConfig
 from spinquant.rotation import default_rotation
 from spinquant.torchao_quant import LM_HEAD, QEMBEDDING, QLINEAR, ProgramQuant
 
@@ -64,11 +64,11 @@ class ExportOptions:
     def program_quant(self) -> ProgramQuant:
         return ProgramQuant(self.qlinear, self.group_size, self.qembedding, self.lm_head)
 
-    def gptq_request(self) -> GPTQConfig | GPTQResult | None:
-        """GPTQ to run now (--gptq), a saved result (--gptq-file), or None."""
+    def gptq_request(self) -> GPTQConfig | Path | None:
+        """GPTQ to run now (--gptq), a saved result's file (--gptq-file), or None."""
         if self.gptq:
             return GPTQConfig(group=self.group_size, windows=self.gptq_windows)
-        return GPTQResult.load(Path(self.gptq_file)) if self.gptq_file else None
+        return Path(self.gptq_file) if self.gptq_file else None
 
     def record(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -78,7 +78,10 @@ def options_from_yaml(path: Path) -> dict:
     """Keys mirror the flags (dashes or underscores); unknown keys are refused."""
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"config file {path} is not valid YAML: fix its syntax") from None
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must be a mapping of option: value")
     known = {f.name for f in dataclasses.fields(ExportOptions)}

@@ -22,7 +22,6 @@ from spinquant.environment import describe_environment, environment_line
 from spinquant.errors import UserError, one_line_errors
 from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
-from spinquant.gptq import GPTQResult
 from spinquant.metrics import kl_per_position
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
@@ -44,7 +43,7 @@ def eager_quantized(fp_model, options: dict):
     if options.get("gptq"):
         raise UserError("the program's GPTQ ran inside the export and was not saved: compare needs --gptq-file programs")
     quant = ProgramQuant(options["qlinear"], options["group_size"], options["qembedding"], options["lm_head"])
-    gptq = GPTQResult.load(Path(options["gptq_file"])) if options.get("gptq_file") else None
+    gptq = Path(options["gptq_file"]) if options.get("gptq_file") else None
     return prepare(copy.deepcopy(fp_model), options["rotation"], quant, gptq, seed=options["seed"])
 
 

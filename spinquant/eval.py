@@ -51,12 +51,23 @@ def calibration_hashes(rotation: str, gptq_calibration: Path | None) -> dict[str
     hashes = {}
     sidecar = Path(rotation).with_suffix(".json")
     if rotation not in PRESETS and sidecar.is_file():
-        recorded = json.loads(sidecar.read_text()).get("calibration_sha256")
+        recorded = rotation_record(sidecar).get("calibration_sha256")
         if recorded:
             hashes[f"rotation {rotation}"] = recorded
     if gptq_calibration is not None:
         hashes[f"GPTQ ({gptq_calibration})"] = text_sha256(read_text(gptq_calibration))
     return hashes
+
+
+def rotation_record(sidecar: Path) -> dict:
+    """The .json spinquant.optimize writes beside a rotation: how it was learned, on which text."""
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise UserError(f"{sidecar}, the record beside the rotation file, is not a JSON object: restore it or remove it")
+    return record
 
 
 def refuse_calibration_text(text: Path, text_hash: str, hashes: dict[str, str]) -> None:

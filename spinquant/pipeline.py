@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.data import calibration_text
 from spinquant.errors import UserError
-from spinquant.gptq import GPTQConfig, GPTQResult, rotation_id, run_gptq
+from spinquant.gptq import GPTQConfig, GPTQResult, check_result_fits, misfit, rotation_id, run_gptq
 from spinquant.quant import QuantConfig, check_groups, quantize_model
 from spinquant.rotation import Rotations, apply_rotations, rotations_for
 from spinquant.torchao_quant import ProgramQuant, check_group_size, quantize_for_export, write_gptq_weights
@@ -36,7 +36,7 @@ def prepare(
     model: LlamaForCausalLM,
     rotation: str | Rotations = "none",
     quant: QuantConfig | ProgramQuant = QuantConfig(),
-    gptq: GPTQConfig | GPTQResult | None = None,
+    gptq: GPTQConfig | GPTQResult | Path | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     calib_text: Path | None = None,
@@ -47,11 +47,15 @@ def prepare(
 
     rotation: none | r4 | hadamard | orthogonal | a rotation file | a Rotations object (random ones drawn from `seed`).
     gptq: a GPTQConfig runs GPTQ now on `calib_text` (default: the packaged calibration text) with `tokenizer`,
-    on `device` (default: the model's); a GPTQResult puts saved integers in (made under the same rotation).
+    on `device` (default: the model's); a GPTQResult, or the file one was saved to, puts its integers in: it must
+    have been made for this model, under this rotation and group size.
     """
+    source = str(gptq) if isinstance(gptq, (str, Path)) else "given"
+    if isinstance(gptq, (str, Path)):
+        gptq = GPTQResult.load(Path(gptq))
     rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.quantizes_kv)
     spec = "custom" if isinstance(rotation, Rotations) else rotation
-    check_fits(model, quant, gptq)
+    check_fits(model, quant, gptq, source)
     apply_rotations(model, rotations)
     result = gptq
     if isinstance(gptq, GPTQConfig):
@@ -60,26 +64,35 @@ def prepare(
         device = torch.device(device) if device is not None else next(model.parameters()).device
         result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, device, model.name_or_path, rotation_id(spec, seed))
     elif isinstance(gptq, GPTQResult):
+        # After the rotation: the saved names are the rotated model's (down_proj's linear inside its Hadamard wrapper).
+        check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1])
         put_gptq_weights(model, gptq)
     quantize(model, quant, result)
     model.spinquant = Prepared(spec, rotations, quant, result)
     return model
 
 
-def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GPTQResult | None) -> None:
+def weight_bits_and_group(quant: QuantConfig | ProgramQuant) -> tuple[int, int]:
+    return (4, quant.group_size) if isinstance(quant, ProgramQuant) else (quant.w_bits, quant.w_group)
+
+
+def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GPTQResult | None, source: str) -> None:
     """Settings that cannot work on this model are refused before minutes of rotation and GPTQ."""
     if isinstance(quant, ProgramQuant):
         check_group_size(model, quant)
         if gptq is not None and quant.qlinear != "8da4w":
             raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {quant.qlinear}")
-        bits, group = 4, quant.group_size
     else:
         check_groups(model, quant)
-        bits, group = quant.w_bits, quant.w_group
-    if gptq is not None:
-        cfg = gptq if isinstance(gptq, GPTQConfig) else gptq.config
-        if (cfg.bits, cfg.group) != (bits, group):
-            raise UserError(f"the GPTQ weights are int{cfg.bits} in groups of {cfg.group}; this quantization needs int{bits} in groups of {group}")
+    bits, group = weight_bits_and_group(quant)
+    if isinstance(gptq, GPTQConfig) and (gptq.bits, gptq.group) != (bits, group):
+        raise UserError(f"GPTQ is asked for int{gptq.bits} in groups of {gptq.group}; this quantization needs int{bits} in groups of {group}")
+    if isinstance(gptq, GPTQResult):
+        held = f"int{gptq.config.bits} weights with {gptq.config.scale_dtype} scales"
+        if gptq.config.bits != bits:
+            raise misfit(source, f"holds {held}; this quantization needs int{bits}")
+        if isinstance(quant, ProgramQuant) and gptq.config.scale_dtype != "bf16":
+            raise misfit(source, f"holds {held}; 8da4w needs int4 with bf16 scales")
 
 
 @torch.no_grad()

@@ -256,11 +256,11 @@ def test_a_bad_config_file_is_one_line(yaml_text, problem, tmp_path, capsys):
     assert problem in line and str(config) in line
 
 
-@pytest.mark.xfail(strict=True, reason="export/options.py must refuse it (see tests/bad_inputs.md); today yaml.safe_load's ParserError is a traceback")
 def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path, capsys):
     config = tmp_path / "export.yaml"
     config.write_text("model: [\n")
-    export_refuses(capsys, tmp_path / "out", "--config", str(config))
+    line = export_refuses(capsys, tmp_path / "out", "--config", str(config))
+    assert f"config file {config} is not valid YAML" in line
 
 
 def test_an_output_dir_that_is_a_file_is_one_line(tiny_hf_dir, tmp_path, capsys):
@@ -283,3 +283,14 @@ def test_a_bad_evaluation_text_is_one_line(text, problem, tiny_hf_dir, tmp_path,
     path = text(tmp_path)
     line = eval_refuses(capsys, "--model", str(tiny_hf_dir), "--text", str(path))
     assert problem in line and str(path) in line
+
+
+def test_a_corrupt_rotation_record_is_one_line(tiny_hf_dir, tmp_path, capsys):
+    from spinquant.eval import cli as eval_cli
+
+    rotation = tmp_path / "r.pt"
+    rotation.write_bytes(b"")
+    rotation.with_suffix(".json").write_text("{not json")
+    with pytest.raises(SystemExit) as exit_:
+        eval_cli(["--model", str(tiny_hf_dir), "--rotation", str(rotation), "--text", str(tiny_hf_dir.parent / "text.txt")])
+    assert exit_.value.code == 2 and "r.json, the record beside the rotation file, is not a JSON object" in the_error_line(capsys, "spinquant.eval")

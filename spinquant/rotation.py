@@ -190,18 +190,22 @@ def rotate_layer_biases(layer: nn.Module, r1: torch.Tensor | None, r2: torch.Ten
 
 
 def fuse_r1_r2(model: LlamaForCausalLM, r1: torch.Tensor | None, r2: list[torch.Tensor] | None) -> None:
-    """R1 into the embedding, lm_head and every decoder linear, each layer's R2 into v/o, in float64."""
+    """R1 into the embedding, lm_head and every decoder linear, then each layer's R2 into v/o, each in float64.
+
+    The weights are stored between the two, as they always were: fusing both in one float64 product differs
+    in the last float32 bit, enough to move 4-bit roundings and so the committed results' perplexities."""
     if r1 is not None:
         rotate_input_side(model.model.embed_tokens, r1)  # rows are token vectors: E @ R1
         rotate_input_side(model.lm_head, r1)
     hd = head_dim(model.config)
     for i, layer in enumerate(model.model.layers):
-        r2_i = r2[i] if r2 is not None else None
-        names = R1_READERS + R1_WRITERS
-        weights = {name: layer.get_submodule(name).weight.detach().to(torch.float64) for name in names}
-        for name, w in rotated_layer_weights(weights, r1, r2_i, hd).items():
-            _set_weight(layer.get_submodule(name), w)
-        rotate_layer_biases(layer, r1, r2_i, hd)
+        for r1_step, r2_step in ((r1, None), (None, r2[i] if r2 is not None else None)):
+            if r1_step is None and r2_step is None:
+                continue
+            weights = {name: layer.get_submodule(name).weight.detach().to(torch.float64) for name in R1_READERS + R1_WRITERS}
+            for name, w in rotated_layer_weights(weights, r1_step, r2_step, hd).items():
+                _set_weight(layer.get_submodule(name), w)
+            rotate_layer_biases(layer, r1_step, r2_step, hd)
 
 
 def fuse_r4(mlp: nn.Module) -> None:

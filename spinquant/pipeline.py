@@ -50,7 +50,7 @@ def prepare(
     on `device` (default: the model's); a GPTQResult, or the file one was saved to, puts its integers in: it must
     have been made for this model, under this rotation and group size.
     """
-    source = str(gptq) if isinstance(gptq, (str, Path)) else "given"
+    source = str(gptq) if isinstance(gptq, (str, Path)) else "passed to prepare()"
     if isinstance(gptq, (str, Path)):
         gptq = GPTQResult.load(Path(gptq))
     rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.quantizes_kv)

@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--output-dir", type=Path, help=f"(default {d.output_dir})")
     p.add_argument("--dtype", help=f"(default {d.dtype})")
     p.add_argument("--seed", type=int, help="seed of random rotations")
-    p.add_argument("--gptq", action="store_const", const=True, help="int4 weights by GPTQ on the calibration text, not round-to-nearest")
+    p.add_argument("--gptq", action="store_const", const=True, help="int4 weights by GPTQ on the calibration text, not round-to-nearest (on this CPU; with a GPU, "
+                   "save them with spinquant.eval --w-gptq --device cuda --gptq-output FILE and give --gptq-file FILE)")
     p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq --gptq-output FILE)")
     p.add_argument("--gptq-windows", type=int, help=f"calibration windows for --gptq (default {d.gptq_windows})")
     p.add_argument("--calib-text", type=Path, help="calibration text for --gptq (default: the packaged WikiText-2 calib.txt)")
@@ -98,10 +99,9 @@ def run(opts: ExportOptions) -> dict:
         loaded = load_model(opts.model, torch.float32)
         model = loaded.model.requires_grad_(False)
         check_model_fits(model, opts)
-    with stage("rotate and quantize"):
-        gptq_device = "cuda" if torch.cuda.is_available() else "cpu"
+    with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently
         prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
-                calib_text=opts.calib_text, seed=opts.seed, device=gptq_device)
+                calib_text=opts.calib_text, seed=opts.seed)
     done = model.spinquant
     meta = metadata(model, loaded.tokenizer, opts.max_seq_len)
     with stage("torch.export"):

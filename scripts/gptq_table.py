@@ -211,15 +211,16 @@ def findings(results: dict) -> list[str]:
             and all(f"{r}/{m}" in rows for r in rotations)]
     has_rtn = all(f"{r}/{rtn}" in rows for r in rotations for rtn in ("rtn", "rtn-bf16"))
     winners = [m for m in gptq if has_rtn and beats_rtn(rows, rotations, m)]
-    best = min(((r, m) for r in rotations for m in gptq), key=lambda c: rows[f"{c[0]}/{c[1]}"]["w4a8"])
-    best_ppl = rows[f"{best[0]}/{best[1]}"]["w4a8"]
     out = [
         f"GPTQ methods below RTN (float32 and bf16 scales) for every rotation at W4A8: "
         f"{(', '.join(f'`{m}`' for m in winners) or 'none') if has_rtn else 'RTN not measured'}; "
         f"the default (`GPTQConfig()`, what `spinquant.eval --w-gptq` and `export.to_pte --gptq` run) is `{default_method()}`.",
-        f"Best fake-quant W4A8: {best[0]} with `{best[1]}`, {best_ppl:.2f}, {best_ppl / fp - 1:+.1%} from full precision {fp:.2f} "
-        f"(bar: within 5%, {fp * 1.05:.2f}): {'met' if best_ppl <= fp * 1.05 else 'NOT met'}.",
     ]
+    if gptq:  # a table of round-to-nearest methods alone has no best GPTQ
+        best = min(((r, m) for r in rotations for m in gptq), key=lambda c: rows[f"{c[0]}/{c[1]}"]["w4a8"])
+        best_ppl = rows[f"{best[0]}/{best[1]}"]["w4a8"]
+        out.append(f"Best fake-quant W4A8: {best[0]} with `{best[1]}`, {best_ppl:.2f}, {best_ppl / fp - 1:+.1%} from full precision "
+                   f"{fp:.2f} (bar: within 5%, {fp * 1.05:.2f}): {'met' if best_ppl <= fp * 1.05 else 'NOT met'}.")
     pairs = [(r, rows[f"{r}/rtn"]["w4a8"], rows[f"{r}/rtn-bf16"]["w4a8"]) for r in rotations if f"{r}/rtn-bf16" in rows and f"{r}/rtn" in rows]
     if pairs:
         out.append("RTN with the export's bf16 scales against float32 scales: "

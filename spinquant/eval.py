@@ -30,10 +30,9 @@ def quantized_model(
     model_name: str, rotation: str, qc: QuantConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
     device: str = "cpu", gptq: GPTQConfig | None = None, calib_text: Path | None = None,
 ) -> LoadedModel:
-    """Load fresh and prepare() with fake quantization (GPTQ on `calib_text` when asked), on `device`."""
+    """Load fresh and prepare() with fake quantization (GPTQ on `calib_text` when asked), on `device` after the rotation."""
     loaded = load_model(model_name, dtype)
     prepare(loaded.model, rotation, qc, gptq, tokenizer=loaded.tokenizer, calib_text=calib_text, seed=seed, device=device)
-    loaded.model.to(device)
     return loaded
 
 

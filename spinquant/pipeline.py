@@ -46,9 +46,13 @@ def prepare(
     """Rotate, (GPTQ), quantize `model` in place and return it.
 
     rotation: none | r4 | hadamard | orthogonal | a rotation file | a Rotations object (random ones drawn from `seed`).
-    gptq: a GPTQConfig runs GPTQ now on `calib_text` (default: the packaged calibration text) with `tokenizer`,
-    on `device` (default: the model's); a GPTQResult, or the file one was saved to, puts its integers in: it must
-    have been made for this model, under this rotation and group size.
+    gptq: a GPTQConfig runs GPTQ now on `calib_text` (default: the packaged calibration text) with `tokenizer`;
+    a GPTQResult, or the file one was saved to, puts its integers in: it must have been made for this model,
+    under this rotation and group size.
+    device: where the model goes after the rotation (fused in float64 where the model is), so that GPTQ and
+    the quantization run there; the default leaves it where it is. A GPU rounds some scales differently
+    from a CPU (it divides by a constant as a multiplication by its reciprocal), so the two differ in a few
+    4-bit roundings.
     """
     source = str(gptq) if isinstance(gptq, (str, Path)) else "passed to prepare()"
     if isinstance(gptq, (str, Path)):
@@ -57,12 +61,14 @@ def prepare(
     spec = "custom" if isinstance(rotation, Rotations) else rotation
     check_fits(model, quant, gptq, source)
     apply_rotations(model, rotations)
+    if device is not None:
+        model.to(device)
     result = gptq
     if isinstance(gptq, GPTQConfig):
         if tokenizer is None:
             raise UserError("GPTQ needs the model's tokenizer for its calibration text")
-        device = torch.device(device) if device is not None else next(model.parameters()).device
-        result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, device, model.name_or_path, rotation_id(spec, seed))
+        home = next(model.parameters()).device
+        result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, home, model.name_or_path, rotation_id(spec, seed))
     elif isinstance(gptq, GPTQResult):
         # After the rotation: the saved names are the rotated model's (down_proj's linear inside its Hadamard wrapper).
         check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1])

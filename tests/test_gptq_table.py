@@ -35,3 +35,9 @@ def test_programs_of_every_method_are_shown_and_the_best_is_found():
     assert "### `gptq-clip`" in md and "### `gptaq-clip-a8`" in md
     assert "Command: `pte gptaq-clip-a8`" in md
     assert "Best .pte: r with `gptaq-clip-a8`, 20.90, +4.5% from full precision (bar 21.00): met." in md
+
+
+def test_a_table_of_round_to_nearest_alone_renders_without_a_best_gptq():
+    rtn_only = dict(results(), rows={"fp": {"fp": 20.0}, "r/rtn-bf16": {"w4a16": 22.0, "w4a8": 22.4}}, methods=["rtn-bf16"])
+    md = markdown(rtn_only)
+    assert "| r | 22.40 |" in md and "Best fake-quant" not in md

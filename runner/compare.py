@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runner.pte import PteProgram
+from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
 from spinquant.environment import describe_environment, environment_line
 from spinquant.errors import UserError, one_line_errors
-from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.metrics import kl_per_position
 from spinquant.models import load_model

@@ -20,16 +20,16 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from spinquant.rotation import LEARNED_ROTATIONS
 from export.verify import PROMPT
 from runner.generate import generate
 from runner.pte import PteProgram
-from spinquant.environment import describe_environment, environment_line
 from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
+from spinquant.environment import describe_environment, environment_line
 from spinquant.eval import evaluate
-from spinquant.metrics import perplexity_of
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.metrics import perplexity_of
 from spinquant.quant import setting
+from spinquant.rotation import LEARNED_ROTATIONS
 
 ROTATIONS = ("none", "r4", "hadamard", "learned")
 RESULTS = Path(__file__).resolve().parents[1] / "results"

@@ -19,15 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from gptq_table import markdown, pte_parts
 from transformers import AutoTokenizer
 
-from gptq_table import markdown, pte_parts
 from runner.pte import PteProgram
+from spinquant.data import read_text, text_sha256, token_windows
 from spinquant.environment import environment_line
 from spinquant.errors import UserError
-from spinquant.data import read_text, text_sha256, token_windows
-from spinquant.metrics import perplexity_of
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.metrics import perplexity_of
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # results/export_smollm2.json's rows by this table's rotation names (its `learned` is smollm2_w4a8.pt).

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from spinquant.environment import environment_line
 from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
+from spinquant.environment import environment_line
 from spinquant.eval import calibration_hashes, quantized_model, refuse_calibration_text
-from spinquant.metrics import perplexity
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
+from spinquant.metrics import perplexity
 from spinquant.models import load_model
 from spinquant.quant import quantize_model, setting
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from spinquant.environment import describe_environment, environment_line
 from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
-from spinquant.metrics import perplexity
+from spinquant.environment import describe_environment, environment_line
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.metrics import perplexity
 from spinquant.models import LoadedModel, load_model
 from spinquant.pipeline import prepare
 from spinquant.quant import setting

@@ -17,8 +17,8 @@ import torch
 from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_json_atomic
-from spinquant.metrics import perplexity
 from spinquant.gptq import GPTQConfig
+from spinquant.metrics import perplexity
 from spinquant.models import LoadedModel, load_model
 from spinquant.pipeline import prepare
 from spinquant.quant import SETTINGS, QuantConfig, setting

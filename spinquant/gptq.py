@@ -38,8 +38,8 @@ from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
-from spinquant.errors import UserError
 from spinquant.data import text_sha256, token_windows
+from spinquant.errors import UserError
 from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear

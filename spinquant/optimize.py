@@ -23,16 +23,15 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from spinquant.cayley import CayleySGD
+from spinquant.data import calibration_text, read_text, text_sha256, token_windows
 from spinquant.environment import describe_environment
 from spinquant.errors import UserError, one_line_errors
-from spinquant.data import calibration_text, read_text, text_sha256, token_windows
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.quant import SETTINGS, QuantConfig
 from spinquant.quiet import add_verbose_flag
 from spinquant.rotated_model import RotatedLlama
 from spinquant.rotation import rotations_for
-
 
 RECIPES = {
     # W16A8: 16-bit weights in the loss, because GPTQ quantizes them to 4 bits afterwards (Meta's

@@ -32,7 +32,7 @@ from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
 from spinquant.metrics import perplexity
 from spinquant.models import load_model
-from spinquant.quant import quantize_model, setting
+from spinquant.quant import setting
 
 PRESET_ROTATIONS = ("none", "hadamard")
 DEFAULT_LEARNED = "learned=spinquant/rotations/smollm2_w4a8.pt"
@@ -62,7 +62,7 @@ def gptq_config_for(method: str, args: argparse.Namespace) -> GPTQConfig | None:
 
 
 def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> dict:
-    """W4A16 then W4A8 perplexity of one model: the activation quantization is added to the same weights."""
+    """W4A16 then W4A8 perplexity of the same weights: GPTQ runs once, its result goes into the W4A8 model."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.jobs))
     start = time.time()
     spec = rotation_specs(args)[rotation]
@@ -70,8 +70,9 @@ def measure(args: argparse.Namespace, rotation: str, method: str, text: str) -> 
     result = loaded.model.spinquant.gptq
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows, args.first_window)
     row = {"w4a16": perplexity(loaded.model, windows, progress=False)}
-    quantize_model(loaded.model, setting("w4a8", w_bits=16))  # activations only: the weights are already quantized
-    row["w4a8"] = perplexity(loaded.model, windows, progress=False)
+    del loaded
+    w4a8 = quantized_model(args.model, spec, setting("w4a8"), device=args.device, gptq=result)
+    row["w4a8"] = perplexity(w4a8.model, windows, progress=False)
     row["seconds"] = round(time.time() - start, 1)
     if result is not None:
         row["gptq"] = result.describe()

@@ -17,7 +17,7 @@ import torch
 from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_json_atomic
-from spinquant.gptq import GPTQConfig
+from spinquant.gptq import GPTQConfig, GPTQResult
 from spinquant.metrics import perplexity
 from spinquant.models import LoadedModel, load_model
 from spinquant.pipeline import prepare
@@ -28,7 +28,7 @@ from spinquant.rotation import PRESETS
 
 def quantized_model(
     model_name: str, rotation: str, qc: QuantConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-    device: str = "cpu", gptq: GPTQConfig | None = None, calib_text: Path | None = None,
+    device: str = "cpu", gptq: GPTQConfig | GPTQResult | None = None, calib_text: Path | None = None,
 ) -> LoadedModel:
     """Load fresh and prepare() with fake quantization (GPTQ on `calib_text` when asked), on `device` after the rotation."""
     loaded = load_model(model_name, dtype)

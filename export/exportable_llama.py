@@ -6,10 +6,10 @@ cost time per node. Reusing the model's norms, linears, MLP and rotary embedding
 `llama::update_cache` and `llama::custom_sdpa` (the ops ExecuTorch's own Llama export uses,
 with fast CPU kernels and GQA built in) keeps the graph small and the runtime fast.
 
-q/k/v and gate/up read the same input, so each set runs as one linear whose output rows are
-theirs stacked (and biases, for Llamas with attention_bias or mlp_bias, concatenated): per-token activation scales and per-row weight scales make that exactly the
-same arithmetic, with one quantized GEMM (and one activation quantization) instead of three or
-two. That takes 7 XNNPACK partitions per layer down to 4, and the lowering's time with them.
+q/k/v and gate/up read the same input, so each set runs as one linear whose output rows (and
+biases, for Llamas with attention_bias or mlp_bias) are theirs stacked: per-token activation scales
+and per-row weight scales make that exactly the same arithmetic, with one quantized GEMM (and one
+activation quantization) instead of three or two. That takes 7 XNNPACK partitions per layer down to 4, and the lowering's time with them.
 Quantized linears are traced through export/per_token_ops.py's spelling of torchao's own.
 """
 

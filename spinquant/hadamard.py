@@ -1,7 +1,9 @@
 """Orthonormal Hadamard matrices of size n = K·2^m and a fast transform by them.
 
 H_n = H_K ⊗ Sylvester(2^m) / √n. The K×K tables come from torchao (a checked source, see
-LANDSCAPE.md); every table is verified by H·Hᵀ = K·I before use. The transform is defined as
+LANDSCAPE.md), and orders torchao lacks are built by Paley's second construction (76 for
+Qwen2.5-0.5B's MLP of 4,864 = 76·2^6, 148 for Qwen2.5-7B's 18,944 = 148·2^7); every table is
+verified by H·Hᵀ = K·I before use. The transform is defined as
 `x @ hadamard_matrix(n)` over the last dimension, and every fused weight uses that same matrix.
 """
 
@@ -15,7 +17,11 @@ import torch
 
 from spinquant.errors import UserError
 
-SUPPORTED_K = (1, 12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172)
+TORCHAO_K = (12, 20, 28, 36, 40, 44, 52, 60, 108, 140, 156, 172)
+# Order 2(q + 1) from a prime q ≡ 1 (mod 4). None of them is a torchao order times a power of two, so every
+# size the torchao orders cover keeps its factorization (and its fused weights) unchanged.
+PALEY_K = {76: 37, 148: 73}
+SUPPORTED_K = tuple(sorted((1, *TORCHAO_K, *PALEY_K)))
 
 
 def _is_pow2(n: int) -> bool:
@@ -35,7 +41,9 @@ def hadamard_k(k: int) -> torch.Tensor:
     """The unnormalized ±1 Hadamard matrix of order k (float64), checked by H·Hᵀ = k·I."""
     if k == 1:
         h = torch.ones(1, 1, dtype=torch.float64)
-    elif k in SUPPORTED_K:
+    elif k in PALEY_K:
+        h = paley_hadamard(PALEY_K[k])
+    elif k in TORCHAO_K:
         # Stored transposed: QuaRot, SpinQuant and torchao apply their tables as x @ (Tᵀ ⊗ S), and on
         # SmolLM2 that convention matters (W4A8 perplexity 34.9 with Tᵀ, 38.8 with T on 3 windows).
         h = torch.tensor(_torchao_tables()[f"had{k}"], dtype=torch.float64).T.contiguous()
@@ -44,6 +52,26 @@ def hadamard_k(k: int) -> torch.Tensor:
     if not torch.equal(h @ h.T, k * torch.eye(k, dtype=torch.float64)):
         raise RuntimeError(f"Hadamard table of order {k} fails H·Hᵀ = {k}·I")
     return h
+
+
+def paley_hadamard(q: int) -> torch.Tensor:
+    """Paley's second construction: a symmetric ±1 Hadamard matrix of order 2(q + 1) from a prime q ≡ 1 (mod 4).
+
+    Q[i, j] = χ(j − i), χ the quadratic character mod q, is symmetric with a zero diagonal, so
+    C = [[0, 1ᵀ], [1, Q]] is a symmetric conference matrix (C² = q·I), and with A = [[1, 1], [1, −1]],
+    B = [[1, −1], [−1, −1]] (A² = B² = 2I, AB + BA = 0): H = C ⊗ A + I ⊗ B has H·Hᵀ = 2(q + 1)·I.
+    """
+    if q < 5 or q % 4 != 1 or any(q % d == 0 for d in range(2, math.isqrt(q) + 1)):
+        raise ValueError(f"Paley's second construction needs a prime q ≡ 1 (mod 4), not {q}")
+    squares = {i * i % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if r in squares else -1.0 for r in range(1, q)], dtype=torch.float64)
+    i = torch.arange(q)
+    conference = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    conference[0, 1:] = conference[1:, 0] = 1
+    conference[1:, 1:] = chi[(i[None, :] - i[:, None]) % q]
+    a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(conference, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
 
 
 def factor_size(n: int) -> tuple[int, int]:

@@ -110,7 +110,7 @@ def test_cuda_op_and_its_gradient_match_dense(n):
     [
         (lambda: torch.randn(1536, 4).t(), ValueError, "contiguous"),
         (lambda: torch.ones(2, 1536, dtype=torch.int32), TypeError, "torch.int32"),
-        (lambda: torch.randn(2, 4864), UserError, "4864"),  # 19·256
+        (lambda: torch.randn(2, 4352), UserError, "4352"),  # 17·256
     ],
 )
 def test_bad_inputs_name_the_op(make, error, words):
@@ -125,8 +125,8 @@ class Rotate(nn.Module):
 
 
 def test_unsupported_size_fails_at_export_not_at_run_time():
-    with pytest.raises(UserError, match="spinquant::hadamard_transform.*4864"):
-        torch.export.export(Rotate(), (torch.randn(2, 4864),))
+    with pytest.raises(UserError, match="spinquant::hadamard_transform.*4352"):
+        torch.export.export(Rotate(), (torch.randn(2, 4352),))
 
 
 def test_export_keeps_the_op_as_one_node():

@@ -90,8 +90,8 @@ def test_rotation_file_of_wrong_shape_is_refused(tmp_path):
 
 
 def test_unsupported_mlp_size_is_refused_before_any_change():
-    model = tiny_llama(tiny_llama_config(hidden=64, intermediate=304, heads=4, kv_heads=4))  # 304 = 19·16
-    with pytest.raises(UserError, match="no Hadamard matrix of size 304"):
+    model = tiny_llama(tiny_llama_config(hidden=64, intermediate=272, heads=4, kv_heads=4))  # 272 = 17·16
+    with pytest.raises(UserError, match="no Hadamard matrix of size 272"):
         apply_rotations(model, Rotations(r4=True))
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "Linear"
 

@@ -101,7 +101,7 @@ int main() {
   }
 
   const auto F = ScalarType::Float;
-  expect(kernel_fails(F, {2, 4864}, F, {2, 4864}), "size 4864 = 19*256 is refused", 4864);
+  expect(kernel_fails(F, {2, 4352}, F, {2, 4352}), "size 4352 = 17*256 is refused", 4352);
   expect(kernel_fails(ScalarType::Int, {2, 64}, ScalarType::Int, {2, 64}), "int dtype is refused", 64);
   expect(kernel_fails(F, {2, 64}, ScalarType::Half, {2, 64}), "out dtype mismatch is refused", 64);
   expect(kernel_fails(F, {2, 64}, F, {3, 64}), "out of another static shape is refused", 64);

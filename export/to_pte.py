@@ -59,6 +59,18 @@ def check_model_fits(model, opts: ExportOptions) -> None:
     limit = model.config.max_position_embeddings
     if opts.max_seq_len > limit:
         raise UserError(f"--max-seq-len {opts.max_seq_len} is above the model's context of {limit} tokens")
+    window = sliding_window(model.config)
+    if window is not None and opts.max_seq_len > window:
+        # The program attends over its whole cache: within the window that is the model's own attention.
+        raise UserError(f"--max-seq-len {opts.max_seq_len} is above the model's sliding window of {window} tokens, "
+                        f"which the program does not apply: give --max-seq-len {window} or less")
+
+
+def sliding_window(config) -> int | None:
+    """The attention window a config sets (Mistral's sliding_window; Qwen2's when use_sliding_window), or None."""
+    if getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def peak_rss_mb() -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError
 
@@ -58,9 +58,15 @@ def demo_gguf_path(name: str) -> Path:
     return target
 
 
-def _check_llama(model_type: object, source: str) -> None:
-    if model_type != "llama":
-        raise UserError(f"{source} is a '{model_type}' model; only Llama-architecture models are supported: give a Llama-family model")
+# Families with Llama's structure (pre-norm RMSNorm, q/k/v/o and gate/up/down linears, RoPE over whole heads), so
+# rotations fuse into them as into Llama: Mistral adds a sliding window, Qwen2/2.5 biases on q/k/v (R1 leaves an
+# input-side bias alone, R2 turns v's). A GGUF file is read as a Llama only.
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def _check_family(model_type: object, source: str) -> None:
+    if model_type not in FAMILIES:
+        raise UserError(f"{source} is a '{model_type}' model; supported families: {', '.join(FAMILIES)}: give a model of one of them")
 
 
 def _plain_llama(model: torch.nn.Module, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -92,14 +98,17 @@ def check_gguf(path: Path) -> None:
     except (ValueError, IndexError, OSError):
         raise UserError(f"{path} is truncated or corrupt (its header or tensors do not fit the file): download it again") from None
     arch = reader.fields.get("general.architecture")
-    _check_llama(arch.contents() if arch is not None else "unknown", str(path))
+    model_type = arch.contents() if arch is not None else "unknown"
+    if model_type != "llama":
+        raise UserError(f"{path} is a '{model_type}' model; a GGUF file is read as a Llama only: give a Llama GGUF, "
+                        f"or a Hugging Face directory of {' or '.join(FAMILIES)}")
 
 
 def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     check_hf_dir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = LlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True).eval()
     return LoadedModel(model, tokenizer, str(path))
 
 
@@ -112,7 +121,7 @@ def check_hf_dir(path: Path) -> None:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as e:  # UnicodeDecodeError and JSONDecodeError alike
         raise UserError(f"{config_file} is not valid JSON ({e}): restore the model's config.json") from None
-    _check_llama(config.get("model_type") if isinstance(config, dict) else "unknown", str(path))
+    _check_family(config.get("model_type") if isinstance(config, dict) else "unknown", str(path))
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[::2])}): save the model into it with save_pretrained")
     for shard in sorted(path.glob("*.safetensors")):

@@ -134,7 +134,7 @@ def test_a_gguf_of_another_architecture_is_refused(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     line = eval_refuses(capsys, "--model", str(path))
-    assert f"{path} is a 'gpt2' model; only Llama-architecture models are supported" in line
+    assert f"{path} is a 'gpt2' model; a GGUF file is read as a Llama only" in line
 
 
 def edited_copy(tiny_hf_dir: Path, tmp_path: Path, edit) -> Path:
@@ -158,7 +158,7 @@ HF_DIRS = {
     "truncated weights": (lambda d: cut_in_half(d / "model.safetensors"), "model.safetensors is truncated or corrupt"),
     "config not JSON": (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
     "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{}"), "config.json is not valid JSON"),
-    "a gpt2 config": (lambda d: set_model_type(d, "gpt2"), "is a 'gpt2' model; only Llama-architecture models are supported"),
+    "a gpt2 config": (lambda d: set_model_type(d, "gpt2"), "is a 'gpt2' model; supported families: llama, mistral, qwen2"),
     "no tokenizer": (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")], "has no tokenizer"),
 }
 

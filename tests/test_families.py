@@ -1,0 +1,94 @@
+"""Mistral and Qwen2/2.5 beside Llama: the same structure, so rotations fuse exactly, GPTQ runs and the export's check passes.
+
+Tiny random models with random norm gains and (Qwen2's q/k/v) biases, so that folding and turning biases are exercised.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import spinquant
+from conftest import SAMPLE_TEXT, train_tiny_tokenizer
+from export.to_pte import main as export_main
+from export.to_pte import run
+from export.options import ExportOptions
+from spinquant import optimize
+from spinquant.errors import UserError
+from spinquant.hadamard import random_orthogonal_matrix
+
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+             max_position_embeddings=256, rms_norm_eps=1e-5)
+FAMILIES = {
+    "qwen2": lambda vocab: Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **SHAPE)),
+    "mistral": lambda vocab: MistralForCausalLM(MistralConfig(vocab_size=vocab, sliding_window=64, **SHAPE)),
+}
+
+
+def randomized(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand_like(p) * 2 + 0.1)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_dir(request, tmp_path_factory):
+    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
+    path = tmp_path_factory.mktemp(request.param) / request.param
+    randomized(FAMILIES[request.param](len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path.parent / "calib.txt").write_text(SAMPLE_TEXT.replace("Boulter", "Smith"))
+    return path
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_rotation_fuses_exactly(family, tmp_path):
+    model = randomized(FAMILIES[family](128)).double()
+    gen = torch.Generator().manual_seed(1)
+    learned_style = tmp_path / "R.pt"
+    torch.save({"R1": random_orthogonal_matrix(64, gen), **{f"model.layers.{i}.self_attn.R2": random_orthogonal_matrix(16, gen) for i in range(2)}},
+               learned_style)
+    ids = torch.randint(0, 128, (2, 24), generator=gen)
+    with torch.no_grad():
+        reference = model(ids).logits
+        for rotation in ("none", "r4", "hadamard", "orthogonal", str(learned_style)):
+            rotated = spinquant.prepare(copy.deepcopy(model), rotation)(ids).logits
+            assert (rotated - reference).abs().max() < 1e-6, rotation  # transformers' RMSNorm computes in float32
+
+
+def test_gptq_and_the_export_check(family_dir, tmp_path):
+    loaded = spinquant.load_model(str(family_dir))
+    model = spinquant.prepare(loaded.model, "hadamard", spinquant.setting("w4a8"), spinquant.GPTQConfig(windows=4, seqlen=64),
+                              tokenizer=loaded.tokenizer, calib_text=family_dir.parent / "calib.txt")
+    assert len(model.spinquant.gptq.weights) == 2 * 7
+    report = run(ExportOptions(model=str(family_dir), rotation="hadamard", max_seq_len=64, output_dir=tmp_path).check())
+    assert report["verify"]["mean_kl"] < 1e-3  # a wrong program is off by nats; top-1 flips at near-ties of a random model
+
+
+def test_learning_runs_where_there_are_no_biases_and_says_why_not_where_there_are(family_dir, tmp_path):
+    args = ["--model", str(family_dir), "--calib-text", str(family_dir.parent / "calib.txt"), "--seqlen", "32", "--iters", "2",
+            "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path / "R.pt")]
+    if family_dir.name == "qwen2":
+        with pytest.raises(UserError, match="q_proj has a bias: learning rotations supports bias-free"):
+            optimize.main(args)
+    else:
+        optimize.main(args)
+        assert (tmp_path / "R.pt").is_file()
+
+
+def test_a_sliding_window_shorter_than_the_cache_is_refused_before_export(tmp_path, capsys):
+    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
+    path = tmp_path / "mistral"
+    randomized(FAMILIES["mistral"](len(tokenizer))).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--model", str(path), "--max-seq-len", "128", "--output-dir", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "--max-seq-len 128 is above the model's sliding window of 64 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

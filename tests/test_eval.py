@@ -69,9 +69,9 @@ def test_cli_bad_input_is_one_line(argv, message, capsys):
     assert e.value.code == 2 and message in err and len(err.splitlines()) == 1
 
 
-def test_non_llama_architecture_is_refused(tmp_path):
+def test_an_unsupported_family_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(UserError, match="'gpt2' model; only Llama-architecture"):
+    with pytest.raises(UserError, match="'gpt2' model; supported families: llama, mistral, qwen2"):
         load_model(str(tmp_path))
 
 

@@ -25,19 +25,21 @@ class FakeQuantLinear(nn.Module):
     replays the layer during backward, reads the same rotated weight as the forward did.
     """
 
-    def __init__(self, frozen: torch.Tensor, quantize_input, online_hadamard: bool = False):
+    def __init__(self, frozen: torch.Tensor, quantize_input, online_hadamard: bool = False, frozen_bias: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("frozen", frozen.detach())
+        self.register_buffer("frozen_bias", None if frozen_bias is None else frozen_bias.detach())
         self.quantize_input = quantize_input
         self.online_hadamard = online_hadamard
         self.rotated_weight: torch.Tensor | None = None
+        self.rotated_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.online_hadamard:
             x = hadamard.hadamard_transform(x)  # R4: the fixed Hadamard whose transpose is folded in `frozen`
         if self.quantize_input is not None:
             x = self.quantize_input(x)
-        return F.linear(x, self.rotated_weight)
+        return F.linear(x, self.rotated_weight, self.rotated_bias)
 
 
 class RotatedLlama(nn.Module):
@@ -45,7 +47,6 @@ class RotatedLlama(nn.Module):
 
     def __init__(self, model: LlamaForCausalLM, init: Rotations, qc: QuantConfig, dtype: torch.dtype):
         super().__init__()
-        _refuse_biases(model)
         check_groups(model, qc)
         if qc.embedding_bits < 16:
             raise UserError("rotation learning keeps the embedding in float: use a setting without embedding_bits")
@@ -88,8 +89,22 @@ class RotatedLlama(nn.Module):
             frozen = {name: layer.get_submodule(name).frozen for name in R1_READERS + R1_WRITERS}
             for name, w in rotated_layer_weights(frozen, self.r1, r2, self.head_dim).items():
                 self._set(layer.get_submodule(name), w)
+            self._set_rotated_biases(layer, r2)
         if self.qc.lm_head:
             self._set(self.model.lm_head, self.model.lm_head.frozen @ self.r1, lm_head_config(self.qc))
+
+    def _set_rotated_biases(self, layer: nn.Module, r2: torch.Tensor) -> None:
+        """Output-side biases turn with their outputs (rotation.rotate_layer_biases): v's by R2 per head, the writers' by R1."""
+        for name in R1_READERS + R1_WRITERS:
+            linear = layer.get_submodule(name)
+            bias = linear.frozen_bias
+            if bias is None:
+                continue
+            if name == "self_attn.v_proj":
+                bias = (bias.unflatten(0, (-1, self.head_dim)) @ r2).flatten()
+            if name in R1_WRITERS:
+                bias = bias @ self.r1
+            linear.rotated_bias = bias.to(self.dtype)
 
     def _set(self, linear: FakeQuantLinear, w: torch.Tensor, qc: QuantConfig | None = None) -> None:
         linear.rotated_weight = quantize_weight(w, qc or self.qc, ste=True).to(self.dtype)
@@ -108,12 +123,6 @@ def _exact_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _refuse_biases(model: LlamaForCausalLM) -> None:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            raise UserError(f"{name} has a bias: learning rotations supports bias-free Llama linears only")
-
-
 def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> LlamaForCausalLM:
     """Fold what never changes (norm gains, R4), freeze everything, swap linears for FakeQuantLinear."""
     untie_embeddings(model)
@@ -124,14 +133,15 @@ def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> L
     model.requires_grad_(False)
     exact = _exact_dtype(dtype)
     frozen = {name: m.weight.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    biases = {name: m.bias.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
     model.to(dtype)  # before the swap: the frozen weights keep their exact dtype
     quantize_input = activation_quantizer(qc.a_bits, 0, qc.a_sym, qc.a_clip, ste=True)
     for i, layer in enumerate(model.model.layers):
         for parent, kind in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    w = frozen[f"model.layers.{i}.{kind}.{name}"]
-                    setattr(parent, name, FakeQuantLinear(w, quantize_input, online_hadamard=name == "down_proj"))
+                    full = f"model.layers.{i}.{kind}.{name}"
+                    setattr(parent, name, FakeQuantLinear(frozen[full], quantize_input, name == "down_proj", biases.get(full)))
     if qc.lm_head:
         model.lm_head = FakeQuantLinear(frozen["lm_head"], quantize_input)
     _use_kv_quantization(model, qc)

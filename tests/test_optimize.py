@@ -55,6 +55,30 @@ def test_rotated_model_matches_fused_and_quantized_reference_in_float64(recipe):
     assert (ours - reference).abs().max() < 1e-6 * reference.abs().max()
 
 
+def test_rotated_model_with_biases_matches_the_fused_reference_in_float64():
+    """Qwen2's q/k/v biases and Llama's attention_bias/mlp_bias: input-side ones stay, v's turns by R2, the writers' by R1."""
+    config = tiny_llama_config(**CONFIG)
+    config.attention_bias = config.mlp_bias = True
+    model = tiny_llama(config, dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn_like(p))
+    qc = dataclasses.replace(optimize.RECIPES["w4a8"], w_sym=False)
+    rot = rotations_for("hadamard", model.config, seed=1)
+    ids = windows(2, 24)
+    with torch.no_grad():
+        ours = RotatedLlama(copy.deepcopy(model), rot, qc, torch.float64)(ids)
+        reference = prepare(copy.deepcopy(model), rot, qc)(ids).logits
+        unbiased = copy.deepcopy(model)
+        for module in unbiased.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+        without = prepare(unbiased, rot, qc)(ids).logits
+    assert (ours - reference).abs().max() < 1e-6 * reference.abs().max()
+    assert (without - reference).abs().max() > 1e-2 * reference.abs().max()  # the biases matter: the check above sees them
+
+
 def test_full_precision_loss_does_not_move_the_rotations():
     # Without quantization the rotated model computes the same function for every R: nothing to learn.
     model = tiny_llama(tiny_llama_config(**CONFIG), dtype=torch.float64)

@@ -53,8 +53,8 @@ class ExportOptions:
                 )
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; choose one of {GROUP_SIZES}")
-        if (self.gptq or self.gptq_file) and self.qlinear != "8da4w":
-            raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {self.qlinear}")
+        if self.gptq or self.gptq_file:
+            self.program_quant().check_takes_gptq()
         if self.gptq and self.gptq_file:
             raise UserError("give --gptq (run GPTQ now) or --gptq-file (a saved result), not both")
         if self.max_seq_len < 2:
@@ -62,7 +62,7 @@ class ExportOptions:
         return self
 
     def program_quant(self) -> ProgramQuant:
-        return ProgramQuant(self.qlinear, self.group_size, self.qembedding, self.lm_head)
+        return ProgramQuant.of(dataclasses.asdict(self))
 
     def gptq_request(self) -> GPTQConfig | Path | None:
         """GPTQ to run now (--gptq), a saved result's file (--gptq-file), or None."""

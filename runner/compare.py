@@ -42,9 +42,8 @@ def eager_quantized(fp_model, options: dict):
     """The export's model before torch.export: prepare() with the program's options and its GPTQ integers."""
     if options.get("gptq"):
         raise UserError("the program's GPTQ ran inside the export and was not saved: compare needs --gptq-file programs")
-    quant = ProgramQuant(options["qlinear"], options["group_size"], options["qembedding"], options["lm_head"])
     gptq = Path(options["gptq_file"]) if options.get("gptq_file") else None
-    return prepare(copy.deepcopy(fp_model), options["rotation"], quant, gptq, seed=options["seed"])
+    return prepare(copy.deepcopy(fp_model), options["rotation"], ProgramQuant.of(options), gptq, seed=options["seed"])
 
 
 @torch.no_grad()

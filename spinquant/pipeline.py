@@ -86,8 +86,8 @@ def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq:
     """Settings that cannot work on this model are refused before minutes of rotation and GPTQ."""
     if isinstance(quant, ProgramQuant):
         check_group_size(model, quant)
-        if gptq is not None and quant.qlinear != "8da4w":
-            raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {quant.qlinear}")
+        if gptq is not None:
+            quant.check_takes_gptq()
     else:
         check_groups(model, quant)
     bits, group = weight_bits_and_group(quant)

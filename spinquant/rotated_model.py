@@ -15,7 +15,8 @@ from transformers import LlamaForCausalLM
 from spinquant import hadamard
 from spinquant.errors import UserError
 from spinquant.quant import QuantConfig, activation_quantizer, check_groups, lm_head_config, quantize_weight, use_kv_quantization
-from spinquant.rotation import R1_READERS, R1_WRITERS, Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, rotated_layer_weights, untie_embeddings
+from spinquant.rotation import (R1_READERS, R1_WRITERS, Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side,
+                                rotated_layer_biases, rotated_layer_weights, untie_embeddings)
 
 
 class FakeQuantLinear(nn.Module):
@@ -94,17 +95,10 @@ class RotatedLlama(nn.Module):
             self._set(self.model.lm_head, self.model.lm_head.frozen @ self.r1, lm_head_config(self.qc))
 
     def _set_rotated_biases(self, layer: nn.Module, r2: torch.Tensor) -> None:
-        """Output-side biases turn with their outputs (rotation.rotate_layer_biases): v's by R2 per head, the writers' by R1."""
-        for name in R1_READERS + R1_WRITERS:
-            linear = layer.get_submodule(name)
-            bias = linear.frozen_bias
-            if bias is None:
-                continue
-            if name == "self_attn.v_proj":
-                bias = (bias.unflatten(0, (-1, self.head_dim)) @ r2).flatten()
-            if name in R1_WRITERS:
-                bias = bias @ self.r1
-            linear.rotated_bias = bias.to(self.dtype)
+        linears = {name: layer.get_submodule(name) for name in R1_READERS + R1_WRITERS}
+        biases = {name: linear.frozen_bias for name, linear in linears.items() if linear.frozen_bias is not None}
+        for name, b in rotated_layer_biases(biases, self.r1, r2, self.head_dim).items():
+            linears[name].rotated_bias = b.to(self.dtype)
 
     def _set(self, linear: FakeQuantLinear, w: torch.Tensor, qc: QuantConfig | None = None) -> None:
         linear.rotated_weight = quantize_weight(w, qc or self.qc, ste=True).to(self.dtype)

@@ -178,15 +178,18 @@ def rotated_layer_weights(
     return rotated
 
 
-def rotate_layer_biases(layer: nn.Module, r1: torch.Tensor | None, r2: torch.Tensor | None, head_dim: int) -> None:
-    """Output-side biases turn with their outputs: v_proj's by R2 per head, the writers' by R1."""
-    v = layer.self_attn.v_proj
-    if r2 is not None and v.bias is not None:
-        v.bias.data = (v.bias.detach().to(torch.float64).unflatten(0, (-1, head_dim)) @ r2).flatten().to(v.bias.dtype)
+def rotated_layer_biases(
+    biases: dict[str, torch.Tensor], r1: torch.Tensor | None, r2: torch.Tensor | None, head_dim: int
+) -> dict[str, torch.Tensor]:
+    """A decoder layer's linear biases, by name within the layer, turned with their outputs: v_proj's by R2
+    per head, the writers' by R1; input-side rotations leave a bias alone. Differentiable, as rotated_layer_weights."""
+    rotated = dict(biases)
+    if r2 is not None and "self_attn.v_proj" in rotated:
+        rotated["self_attn.v_proj"] = (rotated["self_attn.v_proj"].unflatten(0, (-1, head_dim)) @ r2).flatten()
     for name in R1_WRITERS if r1 is not None else ():
-        linear = quantized_input_linear(layer.get_submodule(name))
-        if linear.bias is not None:
-            linear.bias.data = (linear.bias.detach().to(torch.float64) @ r1).to(linear.bias.dtype)
+        if name in rotated:
+            rotated[name] = rotated[name] @ r1
+    return rotated
 
 
 def fuse_r1_r2(model: LlamaForCausalLM, r1: torch.Tensor | None, r2: list[torch.Tensor] | None) -> None:
@@ -202,10 +205,13 @@ def fuse_r1_r2(model: LlamaForCausalLM, r1: torch.Tensor | None, r2: list[torch.
         for r1_step, r2_step in ((r1, None), (None, r2[i] if r2 is not None else None)):
             if r1_step is None and r2_step is None:
                 continue
-            weights = {name: layer.get_submodule(name).weight.detach().to(torch.float64) for name in R1_READERS + R1_WRITERS}
+            linears = {name: layer.get_submodule(name) for name in R1_READERS + R1_WRITERS}
+            weights = {name: linear.weight.detach().to(torch.float64) for name, linear in linears.items()}
             for name, w in rotated_layer_weights(weights, r1_step, r2_step, hd).items():
-                _set_weight(layer.get_submodule(name), w)
-            rotate_layer_biases(layer, r1_step, r2_step, hd)
+                _set_weight(linears[name], w)
+            biases = {name: linear.bias.detach().to(torch.float64) for name, linear in linears.items() if linear.bias is not None}
+            for name, b in rotated_layer_biases(biases, r1_step, r2_step, hd).items():
+                linears[name].bias.data = b.to(linears[name].bias.dtype)
 
 
 def fuse_r4(mlp: nn.Module) -> None:

@@ -1,5 +1,6 @@
 """Real quantization with torchao: the tensor layouts XNNPACK lowers, as the exported program holds them."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,15 @@ class ProgramQuant:
     lm_head: str = "8da8w"
 
     quantizes_kv = False  # the program's KV cache is float
+
+    @classmethod
+    def of(cls, options: dict) -> "ProgramQuant":
+        """From the export's options (ExportOptions, or the record in an export_report.json), which use these names."""
+        return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls)})
+
+    def check_takes_gptq(self) -> None:
+        if self.qlinear != "8da4w":
+            raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {self.qlinear}")
 
 
 def linear_config(scheme: str, group_size: int):

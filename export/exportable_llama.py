@@ -46,13 +46,21 @@ def stacked_bias(linear: nn.Linear) -> torch.Tensor:
     return linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features, dtype=linear.weight.dtype)
 
 
+def one_linear(module: nn.Module, fused: str, parts: tuple[str, ...]) -> nn.Linear:
+    """The module's linear `fused` (Phi-3 stores q/k/v and gate/up fused), or one made of its `parts`."""
+    return getattr(module, fused, None) or fused_linear(*(getattr(module, part) for part in parts))
+
+
 class CachedAttention(nn.Module):
     """One layer's attention over a static cache laid out (1, max_seq_len, kv_heads, head_dim)."""
 
     def __init__(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, max_seq_len: int):
         super().__init__()
-        self.qkv_proj = per_token_linear(fused_linear(attn.q_proj, attn.k_proj, attn.v_proj))
+        self.qkv_proj = per_token_linear(one_linear(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")))
         self.o_proj = per_token_linear(attn.o_proj)
+        # Qwen3 normalizes each query and key head before RoPE.
+        self.q_norm = RMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None
+        self.k_norm = RMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None
         self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, attn.scaling
         self.register_buffer("k_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
         self.register_buffer("v_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
@@ -60,7 +68,11 @@ class CachedAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         seq, heads, kv_heads = x.shape[1], self.n_heads, self.n_kv_heads
         qk, v = self.qkv_proj(x).split([(heads + kv_heads) * self.head_dim, kv_heads * self.head_dim], dim=-1)
-        q, k = rotate(qk.view(1, seq, heads + kv_heads, self.head_dim), cos, sin).split([heads, kv_heads], dim=2)
+        qk = qk.view(1, seq, heads + kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = qk.split([heads, kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        q, k = rotate(qk, cos, sin).split([heads, kv_heads], dim=2)
         v = v.view(1, seq, kv_heads, self.head_dim)
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
@@ -73,8 +85,9 @@ class FusedMLP(nn.Module):
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
-        self.gate_up_proj = per_token_linear(fused_linear(mlp.gate_proj, mlp.up_proj))
-        self.down_proj, self.act_fn = per_token_linear(mlp.down_proj), mlp.act_fn
+        self.gate_up_proj = per_token_linear(one_linear(mlp, "gate_up_proj", ("gate_proj", "up_proj")))
+        self.down_proj = per_token_linear(mlp.down_proj)
+        self.act_fn = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3's name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -85,7 +98,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """RoPE in Hugging Face's half-split layout; x is (1, seq, heads, head_dim), cos/sin (1, seq, 1, head_dim).
 
     Queries and keys go through it together: one set of graph nodes per layer instead of two.
+    Where cos/sin are narrower than a head (Phi-4-mini's partial rotary), the head's rest passes unturned.
     """
+    turned = cos.shape[-1]
+    if turned < x.shape[-1]:
+        return torch.cat([rotate(x[..., :turned], cos, sin), x[..., turned:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

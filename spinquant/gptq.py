@@ -40,6 +40,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.data import text_sha256, token_windows
 from spinquant.errors import UserError
+from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, layer_linears
 from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear
@@ -47,12 +48,8 @@ from spinquant.torch_files import describe_type, load_torch_file
 
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # SpinQuant's "true sequential" order: a group's Hessian sees the groups before it quantized.
-SEQUENTIAL = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
+# Each group is the linears of one input (a family has the split or the fused spelling: families.layer_linears).
+SEQUENTIAL = (ATTENTION_INPUTS, ("self_attn.o_proj",), MLP_INPUTS, ("mlp.down_proj",))
 # Each failed Cholesky multiplies the damping by 10; after this many, the Hessian is hopeless.
 CHOLESKY_TRIES = 8
 
@@ -389,7 +386,8 @@ def quantize_layer(
     also the cross term of GPTAQ's asymmetric calibration.
     """
     done = {}
-    for names in SEQUENTIAL:
+    for group in SEQUENTIAL:
+        names = list(layer_linears(layer, group))
         linears = [inner_linear(layer, name) for name in names]
         if fp_layer is None:
             acc = HessianAccumulator(linears[0])

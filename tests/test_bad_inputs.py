@@ -158,7 +158,7 @@ HF_DIRS = {
     "truncated weights": (lambda d: cut_in_half(d / "model.safetensors"), "model.safetensors is truncated or corrupt"),
     "config not JSON": (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
     "config not UTF-8": (lambda d: (d / "config.json").write_bytes(b"\xff\xfe{}"), "config.json is not valid JSON"),
-    "a gpt2 config": (lambda d: set_model_type(d, "gpt2"), "is a 'gpt2' model; supported families: llama, mistral, qwen2"),
+    "a gpt2 config": (lambda d: set_model_type(d, "gpt2"), "is a 'gpt2' model; supported families: llama, mistral, qwen2, qwen3, phi3"),
     "no tokenizer": (lambda d: [(d / name).unlink() for name in ("tokenizer.json", "tokenizer_config.json")], "has no tokenizer"),
 }
 

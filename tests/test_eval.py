@@ -71,7 +71,7 @@ def test_cli_bad_input_is_one_line(argv, message, capsys):
 
 def test_an_unsupported_family_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(UserError, match="'gpt2' model; supported families: llama, mistral, qwen2"):
+    with pytest.raises(UserError, match="'gpt2' model; supported families: llama, mistral, qwen2, qwen3, phi3"):
         load_model(str(tmp_path))
 
 

@@ -1,27 +1,34 @@
-"""Mistral and Qwen2/2.5 beside Llama: the same structure, so rotations fuse exactly, GPTQ runs and the export's check passes.
+"""Mistral, Qwen2/2.5, Qwen3 and Phi-3 beside Llama: rotations fuse exactly, learning and GPTQ run, the export's check passes.
 
-Tiny random models with random norm gains and (Qwen2's q/k/v) biases, so that folding and turning biases are exercised.
+Tiny random models with random norm gains (Qwen3's q_norm/k_norm too) and Qwen2's q/k/v biases, so that folding
+and turning biases are exercised; Phi-3's fused qkv_proj/gate_up_proj with partial rotary, as Phi-4-mini has.
 """
 
 import copy
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 import spinquant
-from conftest import SAMPLE_TEXT, train_tiny_tokenizer
+from conftest import SAMPLE_TEXT
+from spinquant.models import train_bpe_tokenizer
 from export.to_pte import main as export_main
 from export.to_pte import run
 from export.options import ExportOptions
 from spinquant import optimize
 from spinquant.hadamard import random_orthogonal_matrix
+from spinquant.rotation import rotations_for
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
              max_position_embeddings=256, rms_norm_eps=1e-5)
 FAMILIES = {
     "qwen2": lambda vocab: Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **SHAPE)),
     "mistral": lambda vocab: MistralForCausalLM(MistralConfig(vocab_size=vocab, sliding_window=64, **SHAPE)),
+    "qwen3": lambda vocab: Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, head_dim=16, tie_word_embeddings=True, **SHAPE)),
+    "phi3": lambda vocab: Phi3ForCausalLM(Phi3Config(vocab_size=vocab, partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                                     pad_token_id=0, **SHAPE)),
 }
 
 
@@ -38,7 +45,7 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family_dir(request, tmp_path_factory):
-    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
+    tokenizer = train_bpe_tokenizer(SAMPLE_TEXT, 300)
     path = tmp_path_factory.mktemp(request.param) / request.param
     randomized(FAMILIES[request.param](len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -56,7 +63,8 @@ def test_every_rotation_fuses_exactly(family, tmp_path):
     ids = torch.randint(0, 128, (2, 24), generator=gen)
     with torch.no_grad():
         reference = model(ids).logits
-        for rotation in ("none", "r4", "hadamard", "orthogonal", str(learned_style)):
+        with_r3 = rotations_for("hadamard", model.config, r3=True)  # R3 after RoPE (and Qwen3's q_norm/k_norm, Phi-3's partial RoPE)
+        for rotation in ("none", "r4", "hadamard", "orthogonal", str(learned_style), with_r3):
             rotated = spinquant.prepare(copy.deepcopy(model), rotation)(ids).logits
             assert (rotated - reference).abs().max() < 1e-6, rotation  # transformers' RMSNorm computes in float32
 
@@ -65,7 +73,8 @@ def test_gptq_and_the_export_check(family_dir, tmp_path):
     loaded = spinquant.load_model(str(family_dir))
     model = spinquant.prepare(loaded.model, "hadamard", spinquant.setting("w4a8"), spinquant.GPTQConfig(windows=4, seqlen=64),
                               tokenizer=loaded.tokenizer, calib_text=family_dir.parent / "calib.txt")
-    assert len(model.spinquant.gptq.weights) == 2 * 7
+    linears = {name for name, m in model.model.layers.named_modules(prefix="model.layers") if isinstance(m, torch.nn.Linear)}
+    assert set(model.spinquant.gptq.weights) == linears and len(linears) == 2 * (4 if "phi3" in family_dir.name else 7)
     report = run(ExportOptions(model=str(family_dir), rotation="hadamard", max_seq_len=64, output_dir=tmp_path).check())
     assert report["verify"]["mean_kl"] < 1e-3  # a wrong program is off by nats; top-1 flips at near-ties of a random model
 
@@ -78,7 +87,7 @@ def test_rotation_learning_runs(family_dir, tmp_path):
 
 
 def test_a_sliding_window_shorter_than_the_cache_is_refused_before_export(tmp_path, capsys):
-    tokenizer = train_tiny_tokenizer(SAMPLE_TEXT, 300)
+    tokenizer = train_bpe_tokenizer(SAMPLE_TEXT, 300)
     path = tmp_path / "mistral"
     randomized(FAMILIES["mistral"](len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)

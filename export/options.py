@@ -25,7 +25,7 @@ BROKEN_LINEAR_SCHEMES = ("4w", "8w")
 @dataclass
 class ExportOptions:
     model: str = "smollm2-135m"
-    rotation: str = ""  # empty: default_rotation(model)
+    rotation: str = ""  # empty: default_rotation(model); "learn": learned now for this model (spinquant/rotation_cache.py)
     qlinear: str = "8da4w"
     group_size: int = 32
     qembedding: str = "8w"
@@ -38,7 +38,9 @@ class ExportOptions:
     gptq: bool = False  # int4 weights by GPTQ (spinquant/gptq.py) on the calibration text, run now
     gptq_file: str = ""  # or a saved GPTQ result: python -m spinquant.eval --w-gptq --gptq-output FILE
     gptq_windows: int = 128
-    calib_text: Path | None = None  # --gptq's calibration text; None: the packaged one
+    calib_text: Path | None = None  # --gptq's and --rotation learn's calibration text; None: the packaged one
+    learn_iters: int = 100  # --rotation learn: Cayley SGD iterations (SpinQuant's 100)
+    resume: bool = False  # --rotation learn: continue an interrupted run from its checkpoint
 
     def check(self) -> "ExportOptions":
         self.rotation = self.rotation or default_rotation(self.model)
@@ -59,15 +61,24 @@ class ExportOptions:
             raise UserError("give --gptq (run GPTQ now) or --gptq-file (a saved result), not both")
         if self.max_seq_len < 2:
             raise UserError(f"--max-seq-len {self.max_seq_len} is too small; it must be at least 2")
+        if self.learn_iters < 1:
+            raise UserError(f"--learn-iters must be at least 1, not {self.learn_iters}")
+        if self.resume and self.rotation != "learn":
+            raise UserError("--resume continues learning rotations: it goes with --rotation learn")
         return self
+
+    def learning_recipe(self) -> str:
+        """spinquant.optimize's recipe that fits this quantization: int4 round-to-nearest weights are in the loss;
+        weights GPTQ quantizes after the rotations (or 8-bit ones) are not, as in SpinQuant's and ExecuTorch's W16A8."""
+        return "w4a8" if self.qlinear == "8da4w" and not (self.gptq or self.gptq_file) else "executorch"
 
     def program_quant(self) -> ProgramQuant:
         return ProgramQuant.of(dataclasses.asdict(self))
 
     def gptq_request(self) -> GPTQConfig | Path | None:
         """GPTQ to run now (--gptq), a saved result's file (--gptq-file), or None."""
-        if self.gptq:
-            return GPTQConfig(group=self.group_size, windows=self.gptq_windows)
+        if self.gptq:  # windows as long as the program's context, at most GPTQ's usual 2,048
+            return GPTQConfig(group=self.group_size, windows=self.gptq_windows, seqlen=min(GPTQConfig.seqlen, self.max_seq_len))
         return Path(self.gptq_file) if self.gptq_file else None
 
     def record(self) -> dict:

@@ -5,6 +5,7 @@ length) → XNNPACK lowering → .pte, tokenizer.json and export_report.json in 
 """
 
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -25,6 +26,8 @@ from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
+from spinquant.data import calibration_text
+from spinquant.rotation_cache import learned_rotation
 from spinquant.quiet import add_verbose_flag
 
 
@@ -33,7 +36,10 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     d = ExportOptions()
     p.add_argument("--config", type=Path, help="YAML file whose keys mirror these flags (flags win)")
     p.add_argument("--model", help=f"built-in name, .gguf file or HF directory (default {d.model})")
-    p.add_argument("--rotation", help="none | r4 | hadamard | orthogonal | rotation file (default: the learned rotation committed for a built-in model, else r4)")
+    p.add_argument("--rotation", help="none | r4 | hadamard | orthogonal | learn | rotation file (default: the learned rotation committed for a "
+                   "built-in model, else r4); learn: learn R1/R2 for this model and quantization now (a GPU when there is one), kept beside the model")
+    p.add_argument("--learn-iters", type=int, help=f"--rotation learn: iterations (default {d.learn_iters}, SpinQuant's)")
+    p.add_argument("--resume", action="store_const", const=True, help="--rotation learn: continue an interrupted run from its checkpoint")
     p.add_argument("--qlinear", help=f"{' | '.join(QLINEAR)} (default {d.qlinear})")
     p.add_argument("--group-size", type=int, help=f"{' | '.join(map(str, GROUP_SIZES))} (default {d.group_size})")
     p.add_argument("--qembedding", help=f"{' | '.join(QEMBEDDING)} (default {d.qembedding})")
@@ -46,7 +52,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
                    "save them with spinquant.eval --w-gptq --device cuda --gptq-output FILE and give --gptq-file FILE)")
     p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq --gptq-output FILE)")
     p.add_argument("--gptq-windows", type=int, help=f"calibration windows for --gptq (default {d.gptq_windows})")
-    p.add_argument("--calib-text", type=Path, help="calibration text for --gptq (default: the packaged WikiText-2 calib.txt)")
+    p.add_argument("--calib-text", type=Path, help="calibration text for --gptq and --rotation learn (default: the packaged WikiText-2 calib.txt)")
     p.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip running the .pte against eager")
     add_verbose_flag(p)
     args = vars(p.parse_args(argv))
@@ -67,9 +73,7 @@ def check_model_fits(model, opts: ExportOptions) -> None:
 
 
 def sliding_window(config) -> int | None:
-    """The attention window a config sets (Mistral's sliding_window; Qwen2's when use_sliding_window), or None."""
-    if getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False):
-        return None
+    """The attention window a config sets, or None (Qwen's configs set none unless use_sliding_window)."""
     return getattr(config, "sliding_window", None)
 
 
@@ -106,7 +110,14 @@ def run(opts: ExportOptions) -> dict:
     out = opts.output_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a directory (it is created if missing)")
-    stage = Stages(("load", "rotate and quantize", "torch.export", "delegate linears to XNNPACK", "emit program") + (("verify",) if opts.verify else ()))
+    learning = opts.rotation == "learn"
+    stage = Stages((("learn rotations",) if learning else ()) + ("load", "rotate and quantize", "torch.export", "delegate linears to XNNPACK",
+                   "emit program") + (("verify",) if opts.verify else ()))
+    if learning:
+        with stage("learn rotations"):  # on its own copy of the model, freed before the export loads one
+            learned = learned_rotation(opts.model, opts.learning_recipe(), opts.calib_text or calibration_text(), opts.max_seq_len,
+                                       opts.learn_iters, opts.resume, opts.seed)
+        opts = dataclasses.replace(opts, rotation=str(learned))  # the report records the file, which runner.compare reads
     with stage("load"):
         loaded = load_model(opts.model, torch.float32)
         model = loaded.model.requires_grad_(False)
@@ -127,7 +138,7 @@ def run(opts: ExportOptions) -> dict:
         (out / stale).unlink(missing_ok=True)  # nothing from an earlier export may pass for this one's
     pte_tmp = out / ".model.pte.unverified"
     report = dict(
-        options=opts.record(), rotation=describe_rotations(done.rotations), gptq=done.gptq.describe() if done.gptq else None, metadata=meta,
+        options=opts.record(), rotation=dict(describe_rotations(done.rotations), learned_by_this_export=learning), gptq=done.gptq.describe() if done.gptq else None, metadata=meta,
         pte_bytes=len(manager.buffer), parts=program_parts(model),
         export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
         environment=describe_environment(),

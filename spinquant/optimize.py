@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -161,8 +162,10 @@ def learn(
     resume: bool = False,
     activation_checkpointing: bool = False,
     progress_bar: bool = True,
+    on_first_step: Callable[[float], None] | None = None,
 ) -> tuple[RotatedLlama, Progress]:
-    """Run (or continue) the plan; returns the model holding the learned rotations and the loss history."""
+    """Run (or continue) the plan; returns the model holding the learned rotations and the loss history.
+    `on_first_step` hears the seconds the first step of this run took (to say how long the rest will)."""
     qc = RECIPES[plan.recipe]
     init = rotations_for("hadamard", model.config, seed=plan.seed, r3=qc.quantizes_kv)
     rm = RotatedLlama(model.to(device), init, qc, DTYPES[plan.dtype]).to(device)  # folds on the device: fast
@@ -180,6 +183,8 @@ def learn(
         progress.step, progress.seconds = step + 1, progress.seconds + time.time() - start
         progress.losses.append(loss)
         bar.set_postfix(loss=f"{loss:.4f}")
+        if on_first_step is not None and step == bar.initial:
+            on_first_step(time.time() - start)
         if checkpoint and checkpoint_every and progress.step % checkpoint_every == 0:
             write_atomic(checkpoint, checkpoint_bytes(rm, opt, plan, progress))
     return rm, progress
@@ -257,7 +262,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--device cuda: no CUDA device is available")
 
 
-def sidecar(plan: Plan, progress: Progress, args: argparse.Namespace) -> dict:
+def sidecar(plan: Plan, progress: Progress, device: torch.device, command: str) -> dict:
     return dict(
         **asdict(plan),
         quant=asdict(RECIPES[plan.recipe]),
@@ -267,10 +272,32 @@ def sidecar(plan: Plan, progress: Progress, args: argparse.Namespace) -> dict:
         first_loss=progress.losses[0],
         final_loss=progress.losses[-1],
         seconds=round(progress.seconds, 1),
-        device=args.device,
+        device=str(device),
         environment=describe_environment(),
-        command="python -m spinquant.optimize " + " ".join(sys.argv[1:]),
+        command=command,
     )
+
+
+def make_plan(model: str, recipe: str, windows: torch.Tensor, calib_text: Path, text: str, **settings) -> Plan:
+    """The plan for these windows of `text` (read from `calib_text`); `settings` are Plan's other fields."""
+    return Plan(model=model, recipe=recipe, windows=len(windows), seqlen=windows.shape[1], calibration=os.path.relpath(calib_text),
+                calibration_sha256=text_sha256(text), **settings)
+
+
+def learn_and_save(
+    model: LlamaForCausalLM, windows: torch.Tensor, plan: Plan, device: torch.device, out: Path, command: str, *,
+    resume: bool = False, checkpoint_every: int = 10, activation_checkpointing: bool = False,
+    on_first_step: Callable[[float], None] | None = None,
+) -> dict:
+    """Learn (or finish learning) the plan's rotations and write them to `out`, with what it took beside them
+    (.json, .loss.csv, .loss.png; .ckpt: the checkpoint a resumed run starts from). Returns the .json's record."""
+    rm, progress = learn(model, windows, plan, device, out.with_suffix(".ckpt"), checkpoint_every, resume, activation_checkpointing,
+                         on_first_step=on_first_step)
+    write_atomic(out, rotation_bytes(rm))
+    info = sidecar(plan, progress, device, command)
+    write_json_atomic(out.with_suffix(".json"), info)
+    write_loss_curve(progress.losses, plan, out.with_suffix(".loss.csv"), out.with_suffix(".loss.png"))
+    return info
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -279,21 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
     text = read_text(args.calib_text)
     loaded = load_model(args.model, torch.float32)
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.windows)  # refuses a text shorter than one window
-    plan = Plan(
-        model=args.model, recipe=args.recipe, iters=args.iters, lr=args.lr, momentum=args.momentum,
-        windows=len(windows), seqlen=args.seqlen, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        seed=args.seed, dtype=args.dtype, calibration=os.path.relpath(args.calib_text), calibration_sha256=text_sha256(text),
-    )
+    plan = make_plan(args.model, args.recipe, windows, args.calib_text, text, iters=args.iters, lr=args.lr, momentum=args.momentum,
+                     batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype)
     out = args.output
-    ckpt = out.with_suffix(".ckpt")
-    rm, progress = learn(
-        loaded.model, windows, plan, torch.device(args.device), ckpt, args.checkpoint_every, args.resume,
-        args.activation_checkpointing,
-    )
-    write_atomic(out, rotation_bytes(rm))
-    info = sidecar(plan, progress, args)
-    write_json_atomic(out.with_suffix(".json"), info)
-    write_loss_curve(progress.losses, plan, out.with_suffix(".loss.csv"), out.with_suffix(".loss.png"))
+    command = "python -m spinquant.optimize " + " ".join(sys.argv[1:])
+    info = learn_and_save(loaded.model, windows, plan, torch.device(args.device), out, command, resume=args.resume,
+                          checkpoint_every=args.checkpoint_every, activation_checkpointing=args.activation_checkpointing)
     print(f"{out}: loss {info['first_loss']:.4f} -> {info['final_loss']:.4f} in {info['seconds']} s")
     return info
 

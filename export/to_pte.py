@@ -21,14 +21,14 @@ from tqdm import tqdm
 from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
 from export.program import delegate_linears, emit_program, export_program, metadata
 from export.verify import PROMPT, check_agreement, compare_with_eager
+from spinquant.data import calibration_text
 from spinquant.environment import describe_environment
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
-from spinquant.data import calibration_text
-from spinquant.rotation_cache import learned_rotation
 from spinquant.quiet import add_verbose_flag
+from spinquant.rotation_cache import learned_rotation
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
@@ -111,17 +111,18 @@ def run(opts: ExportOptions) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a directory (it is created if missing)")
     learning = opts.rotation == "learn"
-    stage = Stages((("learn rotations",) if learning else ()) + ("load", "rotate and quantize", "torch.export", "delegate linears to XNNPACK",
+    stage = Stages(("load",) + (("learn rotations",) if learning else ()) + ("rotate and quantize", "torch.export", "delegate linears to XNNPACK",
                    "emit program") + (("verify",) if opts.verify else ()))
-    if learning:
-        with stage("learn rotations"):  # on its own copy of the model, freed before the export loads one
-            learned = learned_rotation(opts.model, opts.learning_recipe(), opts.calib_text or calibration_text(), opts.max_seq_len,
-                                       opts.learn_iters, opts.resume, opts.seed)
-        opts = dataclasses.replace(opts, rotation=str(learned))  # the report records the file, which runner.compare reads
     with stage("load"):
         loaded = load_model(opts.model, torch.float32)
-        model = loaded.model.requires_grad_(False)
-        check_model_fits(model, opts)
+        check_model_fits(loaded.model, opts)
+    if learning:
+        with stage("learn rotations"):  # learning folds and wraps its model: the export loads it afresh
+            learned = learned_rotation(loaded, opts.model, opts.learning_recipe(), opts.calib_text or calibration_text(), opts.max_seq_len,
+                                       opts.learn_iters, opts.resume, opts.seed)
+            loaded = load_model(opts.model, torch.float32)
+        opts = dataclasses.replace(opts, rotation=str(learned))  # the report records the file, which runner.compare reads
+    model = loaded.model.requires_grad_(False)
     with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently
         prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
                 calib_text=opts.calib_text, seed=opts.seed)
@@ -138,7 +139,7 @@ def run(opts: ExportOptions) -> dict:
         (out / stale).unlink(missing_ok=True)  # nothing from an earlier export may pass for this one's
     pte_tmp = out / ".model.pte.unverified"
     report = dict(
-        options=opts.record(), rotation=dict(describe_rotations(done.rotations), learned_by_this_export=learning), gptq=done.gptq.describe() if done.gptq else None, metadata=meta,
+        options=opts.record(), rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning), gptq=done.gptq.describe() if done.gptq else None, metadata=meta,
         pte_bytes=len(manager.buffer), parts=program_parts(model),
         export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
         environment=describe_environment(),

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from spinquant.data import read_text, token_windows
-from spinquant.models import DEMO_MODELS, cache_dir, demo_gguf_path, load_model
+from spinquant.models import DEMO_MODELS, LoadedModel, cache_dir, demo_gguf_path
 from spinquant.optimize import learn_and_save, make_plan
 
 # SpinQuant's recipe (spinquant/optimize.py), with windows as long as the program's KV cache (at most 2,048).
@@ -53,11 +53,11 @@ def rotation_home(source: str) -> Path:
     return folder / "spinquant-rotations" if os.access(folder, os.W_OK) else cache_dir() / "rotations"
 
 
-def learned_rotation(source: str, recipe: str, calib_text: Path, max_seq_len: int, iters: int = ITERS, resume: bool = False,
-                     seed: int = 0) -> Path:
-    """The rotation file for this model and recipe: learned now (on a GPU when there is one) unless already cached."""
+def learned_rotation(loaded: LoadedModel, source: str, recipe: str, calib_text: Path, max_seq_len: int, iters: int = ITERS,
+                     resume: bool = False, seed: int = 0) -> Path:
+    """The rotation file for `source` (loaded as `loaded`) and this recipe: learned now, on a GPU when there is one,
+    unless already cached. Learning folds and wraps `loaded.model` in place: load the model again to use it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(source, torch.float32)
     text = read_text(calib_text)
     seqlen = min(MAX_SEQLEN, max_seq_len)
     windows = token_windows(loaded.tokenizer, text, seqlen, None)

@@ -52,7 +52,7 @@ def test_learns_once_beside_the_model_and_exports(qwen3_dir, tmp_path, monkeypat
     report = export(qwen3_dir, tmp_path / "out")
     rotation = Path(report["options"]["rotation"])
     assert rotation.parent == qwen3_dir / "spinquant-rotations" and rotation.name.startswith(model_sha256(str(qwen3_dir))[:16] + "-w4a8-")
-    assert report["rotation"]["learned_by_this_export"] and report["rotation"]["r1"]
+    assert report["rotation"]["from_rotation_learn"] and report["rotation"]["r1"]
     assert json.loads(rotation.with_suffix(".json").read_text())["iters"] == 4 and len(steps) == 4
     assert report["verify"]["mean_kl"] < 1e-3
     assert "learning rotations on the CPU: about" in capsys.readouterr().err

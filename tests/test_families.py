@@ -27,8 +27,10 @@ FAMILIES = {
     "qwen2": lambda vocab: Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, **SHAPE)),
     "mistral": lambda vocab: MistralForCausalLM(MistralConfig(vocab_size=vocab, sliding_window=64, **SHAPE)),
     "qwen3": lambda vocab: Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, head_dim=16, tie_word_embeddings=True, **SHAPE)),
-    "phi3": lambda vocab: Phi3ForCausalLM(Phi3Config(vocab_size=vocab, partial_rotary_factor=0.75, tie_word_embeddings=True,
-                                                     pad_token_id=0, **SHAPE)),
+    # Phi-4-mini's RoPE: 3/4 of each head, longrope factors (its short ones below original_max_position_embeddings).
+    "phi3": lambda vocab: Phi3ForCausalLM(Phi3Config(
+        vocab_size=vocab, partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0, original_max_position_embeddings=128,
+        rope_scaling=dict(type="longrope", short_factor=[1.0, 1.5, 2.0, 1.0, 3.0, 1.2], long_factor=[4.0] * 6), **SHAPE)),
 }
 
 

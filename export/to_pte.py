@@ -117,10 +117,9 @@ def run(opts: ExportOptions) -> dict:
         loaded = load_model(opts.model, torch.float32)
         check_model_fits(loaded.model, opts)
     if learning:
-        with stage("learn rotations"):  # learning folds and wraps its model: the export loads it afresh
-            learned = learned_rotation(loaded, opts.model, opts.learning_recipe(), opts.calib_text or calibration_text(), opts.max_seq_len,
+        with stage("learn rotations"):  # on a float32 copy of its own, which learning folds and wraps
+            learned = learned_rotation(opts.model, loaded.tokenizer, opts.learning_recipe(), opts.calib_text or calibration_text(), opts.max_seq_len,
                                        opts.learn_iters, opts.resume, opts.seed)
-            loaded = load_model(opts.model, torch.float32)
         opts = dataclasses.replace(opts, rotation=str(learned))  # the report records the file, which runner.compare reads
     model = loaded.model.requires_grad_(False)
     with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from spinquant.data import read_text, token_windows
-from spinquant.models import DEMO_MODELS, LoadedModel, cache_dir, demo_gguf_path
+from spinquant.models import DEMO_MODELS, cache_dir, demo_gguf_path, load_model
 from spinquant.optimize import learn_and_save, make_plan
 
 # SpinQuant's recipe (spinquant/optimize.py), with windows as long as the program's KV cache (at most 2,048).
@@ -53,14 +54,13 @@ def rotation_home(source: str) -> Path:
     return folder / "spinquant-rotations" if os.access(folder, os.W_OK) else cache_dir() / "rotations"
 
 
-def learned_rotation(loaded: LoadedModel, source: str, recipe: str, calib_text: Path, max_seq_len: int, iters: int = ITERS,
-                     resume: bool = False, seed: int = 0) -> Path:
-    """The rotation file for `source` (loaded as `loaded`) and this recipe: learned now, on a GPU when there is one,
-    unless already cached. Learning folds and wraps `loaded.model` in place: load the model again to use it."""
+def learned_rotation(source: str, tokenizer: PreTrainedTokenizerBase, recipe: str, calib_text: Path, max_seq_len: int,
+                     iters: int = ITERS, resume: bool = False, seed: int = 0) -> Path:
+    """The rotation file for this model (`tokenizer` is its) and recipe: learned now, on a GPU when there is one,
+    on a float32 copy of the model loaded for it, unless already cached."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = read_text(calib_text)
-    seqlen = min(MAX_SEQLEN, max_seq_len)
-    windows = token_windows(loaded.tokenizer, text, seqlen, None)
+    windows = token_windows(tokenizer, text, min(MAX_SEQLEN, max_seq_len), None)
     plan = make_plan(source, recipe, windows, calib_text, text, iters=iters, lr=LR, momentum=0.0, batch_size=BATCH_SIZE, grad_accum=1,
                      seed=seed, dtype="bf16" if device.type == "cuda" else "fp32")
     key = {k: v for k, v in asdict(plan).items() if k not in ("model", "calibration")}  # paths differ between machines
@@ -72,7 +72,7 @@ def learned_rotation(loaded: LoadedModel, source: str, recipe: str, calib_text: 
     if not resume and out.with_suffix(".ckpt").is_file():
         print(f"an interrupted run left {out.with_suffix('.ckpt')}: --resume continues it; starting over", file=sys.stderr)
     command = f"python -m export.to_pte --model {source} --rotation learn --learn-iters {iters}"
-    learn_and_save(loaded.model, windows, plan, device, out, command, resume=resume,
+    learn_and_save(load_model(source, torch.float32).model, windows, plan, device, out, command, resume=resume,
                    checkpoint_every=max(1, iters // CHECKPOINTS_PER_RUN), on_first_step=lambda s: say_how_long(s, iters, device))
     print(f"learned rotation: {out}", file=sys.stderr)
     return out
@@ -80,7 +80,8 @@ def learned_rotation(loaded: LoadedModel, source: str, recipe: str, calib_text: 
 
 def say_how_long(seconds_per_step: float, iters: int, device: torch.device) -> None:
     minutes = seconds_per_step * iters / 60
-    line = f"learning rotations on the {device.type.upper()}: about {minutes:.0f} min for {iters} iterations"
+    took = f"{minutes:.0f} min" if minutes >= 1 else f"{minutes * 60:.0f} s"
+    line = f"learning rotations on the {device.type.upper()}: about {took} for {iters} iterations"
     if device.type == "cpu" and minutes > 10:
         fewer = max(1, int(10 * 60 / seconds_per_step))
         line += f"; --learn-iters {fewer} takes about 10 min (fewer iterations: a rotation nearer random Hadamard)"

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-from export_time import LLAMA_32_1B
+from export_time import SHAPES
 from spinquant.cayley import CayleySGD
 from spinquant.environment import environment_line
 from spinquant.files import write_atomic
@@ -33,7 +33,7 @@ def demo_model(device: torch.device) -> LlamaForCausalLM:
 def llama_1b_shape(device: torch.device) -> LlamaForCausalLM:
     torch.manual_seed(0)
     with device:
-        return LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B)).eval()
+        return LlamaForCausalLM(SHAPES["llama-3.2-1b-shape"].model_config()).eval()
 
 
 MODELS = {"smollm2-135m": demo_model, "llama-3.2-1b-shape": llama_1b_shape}

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import executorch.exir.backend.utils as backend_utils
 import executorch.exir.lowered_backend_module as lowered_backend_module
 import torch
 from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
@@ -126,6 +127,9 @@ def delegate_linears(program: torch.export.ExportedProgram, constant_methods: di
     edge = to_edge(program, constant_methods=constant_methods, compile_config=config)
     with quiet_logger("executorch.backends.xnnpack.partition.xnnpack_partitioner"), legalize_only_out_of_order_graphs():
         lowered = edge.to_backend(linear_partitioner())  # the logger: its to_backend deprecation notice
+    # An unbounded lru_cache in ExecuTorch keeps the graphs' nodes it compared, and through them every program
+    # lowered here with all its weights, alive to the end of the process (Llama 3.2 3B's shapes: GBs at the check).
+    backend_utils.is_same_node.cache_clear()
     lowered.compile_config = config  # to_backend forgets it, and to_executorch would re-legalize dim orders
     return lowered
 

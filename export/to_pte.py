@@ -5,7 +5,7 @@ length) → XNNPACK lowering → .pte, tokenizer.json and export_report.json in 
 """
 
 import argparse
-import dataclasses
+import gc
 import os
 import resource
 import sys
@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
 from export.program import delegate_linears, emit_program, export_program, metadata
-from export.verify import PROMPT, check_agreement, compare_with_eager
+from export.verify import PROMPT, EagerReference, check_agreement, compare_with_reference, eager_reference
 from spinquant.data import calibration_text
 from spinquant.environment import describe_environment
 from spinquant.errors import UserError, one_line_errors
-from spinquant.files import write_atomic, write_json_atomic
+from spinquant.files import write_json_atomic
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
 from spinquant.quiet import add_verbose_flag
@@ -90,11 +91,13 @@ def save_tokenizer(tokenizer, out: Path) -> None:
 
 
 class Stages:
-    """A progress bar over the export's named stages (on a terminal); each stage's seconds go into the report."""
+    """A progress bar over the export's named stages (on a terminal); each stage's seconds, and the process's
+    peak RSS by its end (the stage where it grows set a new peak), go into the report."""
 
     def __init__(self, names: tuple[str, ...]):
         self.bar = tqdm(total=len(names), desc="export", unit="stage", disable=None, bar_format="{desc}: {n}/{total} stages [{elapsed}] {postfix}")
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, int] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -102,6 +105,7 @@ class Stages:
         start = time.time()
         yield
         self.seconds[name] = round(time.time() - start, 1)
+        self.peak_rss_mb[name] = round(peak_rss_mb())
         self.bar.update()
 
 
@@ -111,52 +115,73 @@ def run(opts: ExportOptions) -> dict:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a directory (it is created if missing)")
     learning = opts.rotation == "learn"
-    stage = Stages(("load",) + (("learn rotations",) if learning else ()) + ("rotate and quantize", "torch.export", "delegate linears to XNNPACK",
-                   "emit program") + (("verify",) if opts.verify else ()))
-    with stage("load"):
-        loaded = load_model(opts.model, torch.float32)
-        check_model_fits(loaded.model, opts)
-    if learning:
-        with stage("learn rotations"):  # on a float32 copy of its own, which learning folds and wraps
-            learned = learned_rotation(opts.model, loaded.tokenizer, opts.learning_recipe(), opts.calib_text or calibration_text(), opts.max_seq_len,
-                                       opts.learn_iters, opts.resume, opts.seed)
-        opts = dataclasses.replace(opts, rotation=str(learned))  # the report records the file, which runner.compare reads
-    model = loaded.model.requires_grad_(False)
-    with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently
-        prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
-                calib_text=opts.calib_text, seed=opts.seed)
-    done = model.spinquant
-    meta = metadata(model, loaded.tokenizer, opts.max_seq_len)
-    with stage("torch.export"):
-        program = export_program(model, opts.max_seq_len)
+    stage = Stages(("load",) + (("learn rotations",) if learning else ()) + ("rotate and quantize",) + (("eager reference",) if opts.verify else ())
+                   + ("torch.export", "delegate linears to XNNPACK", "emit program") + (("verify",) if opts.verify else ()))
+    program, model_facts, reference, tokenizer = exported_model(opts, stage)
     with stage("delegate linears to XNNPACK"):
-        edge = delegate_linears(program, meta)
+        edge = delegate_linears(program, model_facts["metadata"])
+        del program  # XNNPACK's blobs hold the linears' weights now
     with stage("emit program"):
         manager = emit_program(edge)
+        del edge
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed load or export leaves nothing behind
     for stale in ("export_report.json", "model.pte"):
         (out / stale).unlink(missing_ok=True)  # nothing from an earlier export may pass for this one's
     pte_tmp = out / ".model.pte.unverified"
-    report = dict(
-        options=opts.record(), rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning), gptq=done.gptq.describe() if done.gptq else None, metadata=meta,
-        pte_bytes=len(manager.buffer), parts=program_parts(model),
-        export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
-        environment=describe_environment(),
-    )
     try:
-        write_atomic(pte_tmp, manager.buffer)
+        with pte_tmp.open("wb") as f:
+            manager.write_to_file(f)  # in pieces: manager.buffer would join the whole program in memory first
+        del manager
+        gc.collect()  # the lowering's graphs hold reference cycles: only the program runs beside the check
+        report = dict(
+            options=opts.record(), **model_facts, pte_bytes=pte_tmp.stat().st_size,
+            export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
+            stage_peak_rss_mb=stage.peak_rss_mb,
+            environment=describe_environment(),
+        )
         if opts.verify:
-            prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
             with stage("verify"):
-                agreement = compare_with_eager(pte_tmp, model, prompt, opts.max_seq_len)
+                agreement = compare_with_reference(pte_tmp, reference)
             report["verify"] = agreement.record()
             check_agreement(agreement)
-        save_tokenizer(loaded.tokenizer, out)
+        save_tokenizer(tokenizer, out)
         os.replace(pte_tmp, out / "model.pte")
     finally:
         pte_tmp.unlink(missing_ok=True)
     write_json_atomic(out / "export_report.json", report)
     return report
+
+
+def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.ExportedProgram, dict, EagerReference | None, PreTrainedTokenizerBase]:
+    """load → rotate and quantize → the eager model's reference logits → torch.export. The eager model is
+    gone once this returns: only the exported program's weights stay for the lowering and the check."""
+    with stage("load"):
+        # In the checkpoint's dtype: prepare() widens a bf16 one to float32 a part at a time.
+        loaded = load_model(opts.model, None)
+        model = loaded.model.requires_grad_(False)
+        check_model_fits(model, opts)
+    learning = opts.rotation == "learn"
+    if learning:
+        with stage("learn rotations"):  # on a float32 copy of its own, which learning folds and wraps
+            # The report records the file (what runner.compare reads), not "learn".
+            opts.rotation = str(learned_rotation(opts.model, loaded.tokenizer, opts.learning_recipe(), opts.calib_text or calibration_text(),
+                                                 opts.max_seq_len, opts.learn_iters, opts.resume, opts.seed))
+    with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently
+        prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
+                calib_text=opts.calib_text, seed=opts.seed)
+    reference = None
+    if opts.verify:
+        prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+        with stage("eager reference"):
+            reference = eager_reference(model, prompt, opts.max_seq_len)
+    done = model.spinquant
+    model_facts = dict(
+        rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning), gptq=done.gptq.describe() if done.gptq else None,
+        metadata=metadata(model, loaded.tokenizer, opts.max_seq_len), parts=program_parts(model),
+    )
+    with stage("torch.export"):
+        program = export_program(model, opts.max_seq_len)
+    return program, model_facts, reference, loaded.tokenizer
 
 
 def describe_rotations(rot) -> dict:

@@ -32,24 +32,39 @@ class Agreement:
         return asdict(self)
 
 
+@dataclass
+class EagerReference:
+    """What the program is checked against: each step's inputs and the eager model's logits for them."""
+
+    inputs: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, cache_position) of each step
+    logits: torch.Tensor  # every step's logits, positions stacked
+
+
 @torch.no_grad()
-def compare_with_eager(pte: Path, model: LlamaForCausalLM, prompt_ids: list[int], max_seq_len: int, decode_steps: int = 8) -> Agreement:
-    """Every prompt position, then greedy steps on the eager model's choices, so both see the same tokens."""
-    program, eager = PteProgram(pte), with_static_cache(model, max_seq_len)
+def eager_reference(model: LlamaForCausalLM, prompt_ids: list[int], max_seq_len: int, decode_steps: int = 8) -> EagerReference:
+    """Every prompt position, then greedy steps on the eager model's own choices, which the program is fed too.
+
+    Taken before the lowering, so that the eager model can be freed before the program is loaded beside it."""
+    eager = with_static_cache(model, max_seq_len)
     ids = torch.tensor([prompt_ids[: max_seq_len - decode_steps]])
     pos = torch.arange(ids.shape[1])
-    ours, refs = [], []
+    inputs, logits = [], []
     for _ in range(decode_steps + 1):
-        ours.append(program.forward(ids, pos)[0])
-        refs.append(eager(input_ids=ids, cache_position=pos)[0])
-        ids, pos = refs[-1][-1].argmax().view(1, 1), pos[-1:] + 1
-    ours_all, ref_all = torch.cat(ours), torch.cat(refs)
+        inputs.append((ids, pos))
+        logits.append(eager(input_ids=ids, cache_position=pos)[0])
+        ids, pos = logits[-1][-1].argmax().view(1, 1), pos[-1:] + 1
+    return EagerReference(inputs, torch.cat(logits))
+
+
+def compare_with_reference(pte: Path, reference: EagerReference) -> Agreement:
+    program = PteProgram(pte)
+    ours, ref = torch.cat([program.forward(ids, pos)[0] for ids, pos in reference.inputs]), reference.logits
     return Agreement(
-        max_abs_logit_diff=(ours_all - ref_all).abs().max().item(),
-        max_abs_logit=ref_all.abs().max().item(),
-        mean_kl=kl_per_position(ref_all, ours_all).mean().item(),
-        top1_agreement=(ours_all.argmax(-1) == ref_all.argmax(-1)).float().mean().item(),
-        positions=ref_all.shape[0],
+        max_abs_logit_diff=(ours - ref).abs().max().item(),
+        max_abs_logit=ref.abs().max().item(),
+        mean_kl=kl_per_position(ref, ours).mean().item(),
+        top1_agreement=(ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        positions=ref.shape[0],
     )
 
 

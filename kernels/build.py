@@ -178,12 +178,14 @@ def load_program(program: Path | bytes) -> LoadedProgram:
     operator); when ours is the one missing, this says how to fix it."""
     from executorch.runtime import Runtime
 
-    data = program if isinstance(program, bytes) else Path(program).read_bytes()
     runtime = Runtime.get()
-    loaded = runtime.load_program(data)
+    # A path, not its bytes: the runtime then reads the file itself and holds no second copy of it
+    # (a 0.97 GB program: 2.1 GB resident once loaded, against 2.7 GB from bytes).
+    loaded = runtime.load_program(program if isinstance(program, bytes) else Path(program))
     try:
         methods = {name: loaded.load_method(name) for name in sorted(loaded.method_names)}
     except RuntimeError as e:
+        data = program if isinstance(program, bytes) else Path(program).read_bytes()
         if needs_our_kernels(data) and OPERATOR not in runtime.operator_registry.operator_names:
             raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
         raise

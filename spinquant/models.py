@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from gguf import GGUFReader
 from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PretrainedConfig,
+                          PreTrainedTokenizerBase)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from spinquant.errors import UserError
 from spinquant.families import FAMILIES
@@ -73,11 +75,12 @@ def _plain_llama(model: torch.nn.Module, dtype: torch.dtype) -> LlamaForCausalLM
     return plain.eval()
 
 
-def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_gguf(path: Path, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+    """dtype None: float32, the dequantized weights' own."""
     check_gguf(path)
     model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return LoadedModel(_plain_llama(model, dtype), tokenizer, str(path))
+    return LoadedModel(_plain_llama(model, dtype or torch.float32), tokenizer, str(path))
 
 
 def check_gguf(path: Path) -> None:
@@ -99,12 +102,42 @@ def check_gguf(path: Path) -> None:
                         f"or a Hugging Face directory of {' or '.join(FAMILIES)}")
 
 
-def load_hf_dir(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_hf_dir(path: Path, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+    """dtype None: as the weights are stored where that loses nothing (stored_dtype)."""
     check_hf_dir(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True).eval()
-    return LoadedModel(model, tokenizer, str(path))
+    model = _from_pretrained(path, config, dtype or stored_dtype(path))
+    return LoadedModel(model.eval(), tokenizer, str(path))
+
+
+def _from_pretrained(path: Path, config: PretrainedConfig, dtype: torch.dtype) -> LlamaForCausalLM:
+    """from_pretrained(path), but each safetensors weight read into memory of its own (pread) rather than
+    viewed in a mapping of the whole file: a mapping keeps every page read resident until the last weight
+    from the file dies, where the export frees each bf16 weight as soon as it has widened it."""
+    shards = safetensors_shards(path)
+    if not shards:  # pytorch_model.bin
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
+    weights = {}
+    for shard in shards:
+        with safe_open(shard, "pt", backend="pread") as f:
+            weights |= {name: f.get_tensor(name) for name in f.keys()}
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.from_pretrained(None, config=config, state_dict=weights, dtype=dtype, generation_config=generation_config(path, config))
+
+
+def safetensors_shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def generation_config(path: Path, config: PretrainedConfig) -> GenerationConfig:
+    """What from_pretrained(path) would take: generation_config.json, or else the model config's own."""
+    if (path / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(path, local_files_only=True)
+    return GenerationConfig.from_model_config(config)
 
 
 def check_hf_dir(path: Path) -> None:
@@ -123,6 +156,20 @@ def check_hf_dir(path: Path) -> None:
         _check_safetensors(shard)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's tokenizer into it with save_pretrained")
+
+
+SAFETENSORS_NARROW = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """bf16 (or fp16) when every float weight in the directory's safetensors is stored so, else float32:
+    the narrowest dtype that holds each stored weight exactly (a config's own dtype may claim less)."""
+    floats = set()
+    for shard in safetensors_shards(path):
+        with safe_open(shard, "pt") as f:
+            floats |= {f.get_slice(name).get_dtype() for name in f.keys()}
+    floats = {d for d in floats if d.startswith(("F", "BF"))}
+    return SAFETENSORS_NARROW.get(floats.pop(), torch.float32) if len(floats) == 1 else torch.float32
 
 
 def _check_safetensors(path: Path) -> None:
@@ -153,14 +200,17 @@ def demo_hf_dir(name: str) -> Path:
     return target
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """A built-in demo name, a .gguf file or a local HF directory; never a hub download."""
+def load_model(name_or_path: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+    """A built-in demo name, a .gguf file or a local HF directory; never a hub download.
+
+    dtype None: in the checkpoint's own bf16 or fp16 where every weight is stored so (the export widens it to
+    float32 a part at a time), else float32."""
     loaded = _load_by_kind(name_or_path, dtype)
     loaded.model.name_or_path = name_or_path  # what GPTQ results and reports record: the name the user gave
     return loaded
 
 
-def _load_by_kind(name_or_path: str, dtype: torch.dtype) -> LoadedModel:
+def _load_by_kind(name_or_path: str, dtype: torch.dtype | None) -> LoadedModel:
     if name_or_path in DEMO_MODELS:
         loaded = load_hf_dir(demo_hf_dir(name_or_path), dtype)
         return LoadedModel(loaded.model, loaded.tokenizer, name_or_path)

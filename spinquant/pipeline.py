@@ -4,7 +4,9 @@ rotate (R1/R2 fused exactly, R4 folded with its online Hadamard, R3 when the KV 
 → GPTQ's integers when asked (run now on a calibration text, or a saved result) → quantize, either
 as fake quantization (`QuantConfig`: what evaluation measures) or as torchao tensors
 (`ProgramQuant`: what the exported program holds). Evaluation, the export, the comparison against
-the program and the scripts all call it; nothing else chains these steps.
+the program and the scripts all call it; nothing else chains these steps. The rotation goes a part (a
+decoder layer, the embedding, lm_head) at a time, widening a bf16 model to float32 as it goes, and
+torchao's quantization follows each part, so the export never holds a float32 copy of the whole model.
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ from spinquant.data import calibration_text
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQConfig, GPTQResult, check_result_fits, misfit, rotation_id, run_gptq
 from spinquant.quant import QuantConfig, check_groups, quantize_model
-from spinquant.rotation import Rotations, apply_rotations, rotations_for
+from spinquant.rotation import Rotations, rotated_parts, rotations_for
 from spinquant.torchao_quant import ProgramQuant, check_group_size, quantize_for_export, write_gptq_weights
 
 
@@ -60,7 +62,10 @@ def prepare(
     rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.quantizes_kv)
     spec = "custom" if isinstance(rotation, Rotations) else rotation
     check_fits(model, quant, gptq, source)
-    apply_rotations(model, rotations)
+    each_part = quantizes_each_part(quant, gptq, device)
+    for part in rotated_parts(model, rotations):
+        if each_part:
+            quantize_for_export(model, quant, part)
     if device is not None:
         model.to(device)
     result = gptq
@@ -73,9 +78,17 @@ def prepare(
         # After the rotation: the saved names are the rotated model's (down_proj's linear inside its Hadamard wrapper).
         check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1])
         put_gptq_weights(model, gptq)
-    quantize(model, quant, result)
+    if not each_part:
+        quantize(model, quant, result)
     model.spinquant = Prepared(spec, rotations, quant, result)
     return model
+
+
+def quantizes_each_part(quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GPTQResult | None, device: str | torch.device | None) -> bool:
+    """torchao's quantization runs on each part as soon as it is rotated, so that a model loaded in bf16 never
+    holds a float32 copy of itself whole (Llama 3.2 3B: 13 GB). GPTQ needs the whole rotated model first,
+    a device move the whole model, and fake quantization (evaluation) keeps its float weights anyway."""
+    return isinstance(quant, ProgramQuant) and gptq is None and device is None
 
 
 def weight_bits_and_group(quant: QuantConfig | ProgramQuant) -> tuple[int, int]:

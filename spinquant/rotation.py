@@ -7,6 +7,7 @@ Convention: a rotated activation is x @ R, so a linear reading it gets W @ R and
 it gets Rᵀ @ W.
 """
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,29 @@ def _set_weight(linear: nn.Linear | nn.Embedding, w64: torch.Tensor) -> None:
     linear.weight.data = w64.to(linear.weight.dtype).contiguous()
 
 
+ROW_BLOCK = 4096
+
+
+def _update_rows(linear: nn.Linear | nn.Embedding, f: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """W ← f(W) computed in float64 ROW_BLOCK rows at a time (f acting on each row alone), written back in place:
+    each row comes out as from the whole matrix (bit for bit with MKL here), and no float64 copy of a
+    128,256-row embedding or lm_head (3 GB, twice, for Llama 3.2 3B) ever exists."""
+    for block in linear.weight.data.split(ROW_BLOCK):
+        block.copy_(f(block.to(torch.float64)))
+
+
+NARROW_FLOATS = (torch.bfloat16, torch.float16)
+
+
+def widen(module: nn.Module) -> nn.Module:
+    """A bf16 or fp16 module's parameters and buffers in float32 (exact), so that a model loaded in its
+    checkpoint's bf16 is rotated and quantized from the same float32 weights as one loaded in float32."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.dtype in NARROW_FLOATS:
+            t.data = t.data.float()
+    return module
+
+
 def untie_embeddings(model: LlamaForCausalLM) -> None:
     """Give lm_head its own weight: R1 and norm folding change it differently from the embedding."""
     if model.lm_head.weight is model.model.embed_tokens.weight:
@@ -133,14 +157,18 @@ def fuse_rmsnorm_into_linears(norm: nn.Module, linears: list[nn.Linear]) -> None
     """y = Linear(g ⊙ n(x)) = (W·diag(g)) n(x): move the gain into every reader, then set it to 1."""
     gain = norm.weight.detach().to(torch.float64)
     for linear in linears:
-        _set_weight(linear, linear.weight.detach().to(torch.float64) * gain)
+        _update_rows(linear, lambda w64: w64 * gain)
     norm.weight.data.fill_(1.0)
+
+
+def fuse_layer_rmsnorms(layer: nn.Module) -> None:
+    fuse_rmsnorm_into_linears(layer.input_layernorm, list(layer_linears(layer, ATTENTION_INPUTS).values()))
+    fuse_rmsnorm_into_linears(layer.post_attention_layernorm, list(layer_linears(layer, MLP_INPUTS).values()))
 
 
 def fuse_all_rmsnorms(model: LlamaForCausalLM) -> None:
     for layer in model.model.layers:
-        fuse_rmsnorm_into_linears(layer.input_layernorm, list(layer_linears(layer, ATTENTION_INPUTS).values()))
-        fuse_rmsnorm_into_linears(layer.post_attention_layernorm, list(layer_linears(layer, MLP_INPUTS).values()))
+        fuse_layer_rmsnorms(layer)
     fuse_rmsnorm_into_linears(model.model.norm, [model.lm_head])
 
 
@@ -150,7 +178,7 @@ def quantized_input_linear(module: nn.Module) -> nn.Linear:
 
 
 def rotate_input_side(linear: nn.Linear | nn.Embedding, r: torch.Tensor) -> None:
-    _set_weight(linear, linear.weight.detach().to(torch.float64) @ r)
+    _update_rows(linear, lambda w64: w64 @ r)
 
 
 def rotated_layer_weights(
@@ -188,26 +216,21 @@ def rotated_layer_biases(
     return rotated
 
 
-def fuse_r1_r2(model: LlamaForCausalLM, r1: torch.Tensor | None, r2: list[torch.Tensor] | None) -> None:
-    """R1 into the embedding, lm_head and every decoder linear, then each layer's R2 into v/o, each in float64.
+def fuse_r1_r2(layer: nn.Module, r1: torch.Tensor | None, r2: torch.Tensor | None, head_dim: int) -> None:
+    """R1 into a decoder layer's linears, then its R2 into v/o, each in float64.
 
     The weights are stored between the two, as they always were: fusing both in one float64 product differs
     in the last float32 bit, enough to move 4-bit roundings and so the committed results' perplexities."""
-    if r1 is not None:
-        rotate_input_side(model.model.embed_tokens, r1)  # rows are token vectors: E @ R1
-        rotate_input_side(model.lm_head, r1)
-    hd = head_dim(model.config)
-    for i, layer in enumerate(model.model.layers):
-        for r1_step, r2_step in ((r1, None), (None, r2[i] if r2 is not None else None)):
-            if r1_step is None and r2_step is None:
-                continue
-            linears = layer_linears(layer, R1_READERS + R1_WRITERS)
-            weights = {name: linear.weight.detach().to(torch.float64) for name, linear in linears.items()}
-            for name, w in rotated_layer_weights(weights, r1_step, r2_step, hd).items():
-                _set_weight(linears[name], w)
-            biases = {name: linear.bias.detach().to(torch.float64) for name, linear in linears.items() if linear.bias is not None}
-            for name, b in rotated_layer_biases(biases, r1_step, r2_step, hd).items():
-                linears[name].bias.data = b.to(linears[name].bias.dtype)
+    for r1_step, r2_step in ((r1, None), (None, r2)):
+        if r1_step is None and r2_step is None:
+            continue
+        linears = layer_linears(layer, R1_READERS + R1_WRITERS)
+        weights = {name: linear.weight.detach().to(torch.float64) for name, linear in linears.items()}
+        for name, w in rotated_layer_weights(weights, r1_step, r2_step, head_dim).items():
+            _set_weight(linears[name], w)
+        biases = {name: linear.bias.detach().to(torch.float64) for name, linear in linears.items() if linear.bias is not None}
+        for name, b in rotated_layer_biases(biases, r1_step, r2_step, head_dim).items():
+            linears[name].bias.data = b.to(linears[name].bias.dtype)
 
 
 def fuse_r4(mlp: nn.Module) -> None:
@@ -220,18 +243,49 @@ def fuse_r4(mlp: nn.Module) -> None:
 
 def apply_rotations(model: LlamaForCausalLM, rot: Rotations) -> LlamaForCausalLM:
     """Fuse `rot` into `model` in place; the full-precision function is unchanged."""
+    for _ in rotated_parts(model, rot):
+        pass
+    return model
+
+
+def rotated_parts(model: LlamaForCausalLM, rot: Rotations) -> Iterator[str]:
+    """Fuse `rot` into `model` one part at a time (each decoder layer, the embedding, then the final norm with
+    lm_head), widened to float32 first (widen), and yield each part's name once it is done.
+
+    Every weight goes through the same float64 steps as in a whole-model fusion (norm gain, R1, R2, R4, each
+    stored in between); only the schedule is by part, so that prepare() can quantize each part as it comes
+    and a bf16-loaded model never holds a float32 copy of itself whole. The vocabulary-sized parts come
+    last, so that until their turn the lm_head untied from the embedding is a bf16 copy.
+    """
     config = model.config
     if rot.r4:
         hadamard.factor_size(config.intermediate_size)  # an unsupported size fails before any change
-    if rot.folds_norms:
-        untie_embeddings(model)
-        fuse_all_rmsnorms(model)
-    fuse_r1_r2(model, rot.r1, rot.r2)
-    for layer in model.model.layers:
-        if rot.r4:
-            fuse_r4(layer.mlp)
-        layer.self_attn.online_r3 = rot.r3
     if rot.r3:
         hadamard.factor_size(head_dim(config))
+    for i, layer in enumerate(model.model.layers):
+        rotate_layer(widen(layer), rot, i, head_dim(config))
+        yield f"model.layers.{i}"
+    if rot.folds_norms:
+        untie_embeddings(model)
+    embedding = widen(model.model.embed_tokens)
+    if rot.r1 is not None:
+        rotate_input_side(embedding, rot.r1)  # rows are token vectors: E @ R1
+    yield "model.embed_tokens"
+    for module in (model.model.norm, model.lm_head, model.model.rotary_emb):
+        widen(module)
+    if rot.folds_norms:
+        fuse_rmsnorm_into_linears(model.model.norm, [model.lm_head])
+    if rot.r1 is not None:
+        rotate_input_side(model.lm_head, rot.r1)
+    if rot.r3:
         use_spinquant_attention(model)
-    return model
+    yield "lm_head"
+
+
+def rotate_layer(layer: nn.Module, rot: Rotations, index: int, head_dim: int) -> None:
+    if rot.folds_norms:
+        fuse_layer_rmsnorms(layer)
+    fuse_r1_r2(layer, rot.r1, rot.r2[index] if rot.r2 is not None else None, head_dim)
+    if rot.r4:
+        fuse_r4(layer.mlp)
+    layer.self_attn.online_r3 = rot.r3

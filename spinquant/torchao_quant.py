@@ -84,7 +84,9 @@ def check_group_size(model: LlamaForCausalLM, quant: ProgramQuant) -> None:
             raise UserError(f"--group-size {group_size} does not divide {name}'s {n} inputs")
 
 
-def quantize_for_export(model: LlamaForCausalLM, quant: ProgramQuant) -> LlamaForCausalLM:
+def quantize_for_export(model: LlamaForCausalLM, quant: ProgramQuant, part: str = "") -> LlamaForCausalLM:
+    """Quantize `model`'s linears and embedding with torchao, or only those under the module named `part`
+    (prepare() quantizes each part as soon as it is rotated)."""
     check_group_size(model, quant)
     # padding_idx only shapes training gradients, and ExecuTorch's fusion of a dequantized
     # embedding into its quantized-embedding kernel matches only the default (none).
@@ -92,13 +94,14 @@ def quantize_for_export(model: LlamaForCausalLM, quant: ProgramQuant) -> LlamaFo
     if quant.qembedding != "none" or quant.lm_head != "none":
         untie_embeddings(model)  # embedding and lm_head get different tensor layouts
     decoder = lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head"  # noqa: E731
+    in_part = lambda fqn: not part or fqn == part or fqn.startswith(f"{part}.")  # noqa: E731
     for config, only in (
         (linear_config(quant.qlinear, quant.group_size), decoder),
         (linear_config(quant.lm_head, quant.group_size), lambda m, fqn: fqn == "lm_head"),
         (embedding_config(quant.qembedding, quant.group_size), lambda m, fqn: isinstance(m, nn.Embedding)),
     ):
         if config is not None:
-            quantize_(model, config, filter_fn=only)
+            quantize_(model, config, filter_fn=lambda m, fqn, only=only: in_part(fqn) and only(m, fqn))
     return model
 
 

@@ -6,7 +6,7 @@ import torch
 from export.options import ExportOptions
 from export.program import with_static_cache
 from export.to_pte import main, parse_args, run
-from export.verify import check_agreement, compare_with_eager
+from export.verify import check_agreement, compare_with_reference, eager_reference
 from runner.pte import PteProgram
 from spinquant.errors import UserError
 from spinquant.metrics import kl_per_position
@@ -55,7 +55,7 @@ def test_check_fails_on_a_program_that_is_not_the_model(default_export, tiny_hf_
     opts, _ = default_export
     other = eager_quantized(opts)
     other.model.norm.weight.data *= 4  # a different model: every logit scaled
-    agreement = compare_with_eager(opts.output_dir / "model.pte", other, [5, 17, 33, 2, 60, 7], opts.max_seq_len)
+    agreement = compare_with_reference(opts.output_dir / "model.pte", eager_reference(other, [5, 17, 33, 2, 60, 7], opts.max_seq_len))
     assert agreement.mean_kl > 0.1
     with pytest.raises(UserError, match="diverges from the eager quantized model: mean KL"):
         check_agreement(agreement)
@@ -183,3 +183,18 @@ def test_partition_cutting_still_sorts_a_graph_left_out_of_order():
         assert lowered.legalize_graph(in_order).graph is graph  # nothing rebuilt
         assert is_topologically_sorted(lowered.legalize_graph(gm).graph)
     assert lowered.legalize_graph is original
+
+
+def test_a_bf16_checkpoint_exports_the_program_of_its_float32_copy(tiny_hf_dir, tmp_path):
+    """Loaded in bf16 and widened a part at a time, it lowers to the bytes of the same values loaded in float32."""
+    loaded = load_model(str(tiny_hf_dir))
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        loaded.model.to(dtype).save_pretrained(tmp_path / name)  # bf16 first: the float32 copy holds bf16's values
+        loaded.tokenizer.save_pretrained(tmp_path / name)
+    reports = {
+        name: run(ExportOptions(model=str(tmp_path / name), rotation="hadamard", max_seq_len=64, output_dir=tmp_path / f"out-{name}").check())
+        for name in ("bf16", "fp32")
+    }
+    assert load_model(str(tmp_path / "bf16"), None).model.dtype == torch.bfloat16
+    assert (tmp_path / "out-bf16" / "model.pte").read_bytes() == (tmp_path / "out-fp32" / "model.pte").read_bytes()
+    assert reports["bf16"]["verify"]["mean_kl"] < 1e-6

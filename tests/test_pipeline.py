@@ -1,5 +1,7 @@
 """spinquant.prepare, the library's one call: as the README shows it, a saved GPTQ result, and refusals before any work."""
 
+import copy
+
 import pytest
 import torch
 
@@ -40,3 +42,48 @@ def test_settings_that_cannot_work_are_refused_before_the_model_changes():
     with pytest.raises(UserError, match="use --qlinear 8da4w, not 8da8w"):
         spinquant.prepare(model, "hadamard", spinquant.ProgramQuant(qlinear="8da8w"), spinquant.GPTQConfig())
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
+
+
+def every_tensor(model) -> dict[str, torch.Tensor]:
+    """Each parameter and buffer by name, a torchao tensor by its parts (qdata, scale, zero point)."""
+    tensors = {}
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        parts = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []
+        tensors |= {f"{name}.{part}": getattr(t, part) for part in parts} if parts else {name: t}
+    return tensors
+
+
+def assert_same_tensors(model, other) -> None:
+    ours, theirs = every_tensor(model), every_tensor(other)
+    assert ours.keys() == theirs.keys()
+    for name, t in ours.items():
+        assert t.dtype == theirs[name].dtype and torch.equal(t, theirs[name]), name
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tiny_hf_dir, tmp_path_factory):
+    """tiny_hf_dir's model stored in bf16, as Hugging Face ships Llama 3.2."""
+    loaded = spinquant.load_model(str(tiny_hf_dir))
+    path = tmp_path_factory.mktemp("bf16") / "tiny"
+    loaded.model.to(torch.bfloat16).save_pretrained(path)
+    loaded.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("rotation", ["none", "r4", "hadamard"])
+@pytest.mark.parametrize("quant", [spinquant.ProgramQuant(), spinquant.setting("w4a8")], ids=["torchao", "fake"])
+def test_a_bf16_checkpoint_loaded_in_bf16_is_prepared_to_the_float32_loads_weights(bf16_dir, tiny_hf_dir, rotation, quant):
+    narrow = spinquant.load_model(str(bf16_dir), None).model
+    assert narrow.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert spinquant.load_model(str(tiny_hf_dir), None).model.lm_head.weight.dtype == torch.float32  # a float32 checkpoint stays so
+    wide = spinquant.load_model(str(bf16_dir)).model
+    assert_same_tensors(spinquant.prepare(narrow, rotation, quant), spinquant.prepare(wide, rotation, quant))
+
+
+def test_quantizing_each_part_as_it_is_rotated_gives_the_whole_model_schedules_weights():
+    from spinquant.rotation import apply_rotations, rotations_for
+    from spinquant.torchao_quant import quantize_for_export
+
+    model = tiny_llama(tiny_llama_config(layers=3), dtype=torch.float32)
+    whole = quantize_for_export(apply_rotations(copy.deepcopy(model), rotations_for("hadamard", model.config)), spinquant.ProgramQuant())
+    assert_same_tensors(spinquant.prepare(model, "hadamard", spinquant.ProgramQuant()), whole)

@@ -4,7 +4,7 @@ import torch
 from spinquant.errors import UserError
 from spinquant.hadamard import random_orthogonal_matrix
 from spinquant.models import tiny_llama, tiny_llama_config
-from spinquant.rotation import Rotations, apply_rotations, rotations_for
+from spinquant.rotation import Rotations, apply_rotations, rotate_input_side, rotated_parts, rotations_for
 
 # hidden 64/96/576, MLP 128/1536/1792, head_dim 16/32/64, GQA 1/3/4, tied and untied.
 CONFIGS = {
@@ -105,3 +105,24 @@ def test_demo_model_rotated_keeps_logits_in_float32(demo):
     ref = logits(model, ids)
     apply_rotations(model, rotations_for("hadamard", model.config, r3=True))
     assert (logits(model, ids) - ref).abs().max() < 1e-3
+
+
+def test_rotating_rows_in_blocks_is_the_dense_float64_product():
+    embedding = torch.nn.Embedding(10000, 32)  # two whole blocks of rows and a partial one
+    r = random_orthogonal_matrix(32, torch.Generator().manual_seed(0))
+    dense = (embedding.weight.detach().double() @ r).float()
+    rotate_input_side(embedding, r)
+    assert (embedding.weight - dense).abs().max() <= 1e-7 * dense.abs().max()
+
+
+def test_a_bf16_model_is_widened_to_float32_one_part_at_a_time():
+    model = tiny_llama(tiny_llama_config(layers=3), dtype=torch.bfloat16)
+    order = ["model.layers.0", "model.layers.1", "model.layers.2", "model.embed_tokens", "lm_head"]
+    done = []
+    for part in rotated_parts(model, rotations_for("hadamard", model.config)):
+        done.append(part)
+        for name in order:
+            dtypes = {p.dtype for p in model.get_submodule(name).parameters()}
+            assert dtypes == ({torch.float32} if name in done else {torch.bfloat16}), (part, name)
+    assert done == order
+    assert {t.dtype for t in (*model.parameters(), *model.buffers())} == {torch.float32}

@@ -1,7 +1,7 @@
 """Each model family at its real shapes, random weights, through the export: `results/architectures.md`.
 
     python benchmarks/architectures.py                         # every shape below, one after another
-    python benchmarks/architectures.py --shapes qwen2.5-0.5b   # some of them
+    python benchmarks/architectures.py --shapes qwen2.5-0.5b-shape   # some of them
 
 Per shape: the Hadamard sizes its rotations need (R1 over the hidden size, R2 and R3 over a head, R4 over the
 MLP), the fusion's error (float64 logits of the model with random Hadamard R1/R2 and R4 against the original's,
@@ -21,42 +21,20 @@ import types
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config, PretrainedConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 import spinquant
-from export_time import LLAMA_32_1B, timed_export
+from export_time import SHAPES, timed_export, write_random_model
 from spinquant.environment import environment_line
 from spinquant.files import write_atomic
 from spinquant.hadamard import factor_size
-from spinquant.models import load_model
 from spinquant.rotation import head_dim
 
-LLAMA_32_3B = dict(LLAMA_32_1B, hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, head_dim=128)
-SHAPES: dict[str, tuple[type[PretrainedConfig], dict]] = {
-    "Qwen2.5-0.5B": (Qwen2Config, dict(
-        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    "Qwen2.5-1.5B": (Qwen2Config, dict(
-        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    "Qwen3-0.6B": (Qwen3Config, dict(
-        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-        vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    # Longrope's real factors are not reachable offline: made-up ones (the program, at --max-seq-len up to
-    # original_max_position_embeddings, uses the short ones).
-    "Phi-4-mini": (Phi3Config, dict(
-        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
-        vocab_size=200064, max_position_embeddings=131072, original_max_position_embeddings=4096, partial_rotary_factor=0.75,
-        rope_scaling=dict(type="longrope", short_factor=[1.0 + i / 48 for i in range(48)], long_factor=[4.0 + i for i in range(48)]),
-        rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=262144, tie_word_embeddings=True, pad_token_id=199999,
-        bos_token_id=199999, eos_token_id=199999)),
-    "Llama-3.2-3B": (LlamaConfig, LLAMA_32_3B),
-}
+ARCHITECTURES = ("qwen2.5-0.5b-shape", "qwen3-0.6b-shape", "qwen2.5-1.5b-shape", "phi-4-mini-shape", "llama-3.2-3b-shape")
 
 
 def config_of(name: str, **overrides) -> PretrainedConfig:
-    cls, values = SHAPES[name]
-    return cls(**{**values, **overrides})
+    return AutoConfig.for_model(**{**SHAPES[name].config, **overrides})
 
 
 def hadamard_sizes(config: PretrainedConfig) -> str:
@@ -87,13 +65,6 @@ def fusion_error(name: str) -> float:
     return (rotated - reference).abs().max().item()
 
 
-def write_random_model(name: str, directory: Path) -> None:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_of(name), dtype=torch.bfloat16)
-    model.save_pretrained(directory)
-    load_model("smollm2-135m").tokenizer.save_pretrained(directory)
-
-
 def parameters(config: PretrainedConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
@@ -101,13 +72,13 @@ def parameters(config: PretrainedConfig) -> int:
 
 def row(name: str, fusion: float, run: dict) -> str:
     r, v, config = run["report"], run["report"]["verify"], config_of(name)
-    return (f"| {name} | {config.num_hidden_layers} | {parameters(config) / 1e9:.2f} B | {hadamard_sizes(config)} | {fusion:.1e} | "
+    return (f"| {SHAPES[name].name} | {config.num_hidden_layers} | {parameters(config) / 1e9:.2f} B | {hadamard_sizes(config)} | {fusion:.1e} | "
             f"{run['wall']:.0f} | {run['peak_rss_mb']} | {r['pte_bytes'] / 2**20:.0f} | {v['mean_kl']:.2g}, {v['top1_agreement']:.0%} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES))
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--output", type=Path, default=Path("results/architectures.md"))
     args = p.parse_args()
@@ -116,7 +87,7 @@ def main() -> None:
     for name in args.shapes:
         fusion = fusion_error(name)
         with tempfile.TemporaryDirectory() as tmp:
-            write_random_model(name, Path(tmp) / "model")
+            write_random_model(Path(tmp) / "model", SHAPES[name])
             run = timed_export(["--model", str(Path(tmp) / "model"), "--rotation", "hadamard", "--max-seq-len", str(args.max_seq_len)],
                                Path(tmp) / "out")
         rows.append(row(name, fusion, run))

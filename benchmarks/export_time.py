@@ -55,6 +55,26 @@ SHAPES = {
     "llama-3.2-3b-shape": Shape("Llama 3.2 3B", dict(
         LLAMA_3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
         num_key_value_heads=8, head_dim=128), Path("results/export_3b_shape.md")),
+    "qwen2.5-0.5b-shape": Shape("Qwen2.5-0.5B", dict(
+        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        head_dim=64, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        Path("results/export_qwen2.5-0.5b_shape.md")),
+    "qwen2.5-1.5b-shape": Shape("Qwen2.5-1.5B", dict(
+        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        head_dim=128, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        Path("results/export_qwen2.5-1.5b_shape.md")),
+    "qwen3-0.6b-shape": Shape("Qwen3-0.6B", dict(
+        model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        Path("results/export_qwen3-0.6b_shape.md")),
+    # Longrope's real factors are not reachable offline: made-up ones (a program with --max-seq-len up to
+    # original_max_position_embeddings uses the short ones).
+    "phi-4-mini-shape": Shape("Phi-4-mini", dict(
+        model_type="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+        head_dim=128, vocab_size=200064, max_position_embeddings=131072, original_max_position_embeddings=4096, partial_rotary_factor=0.75,
+        rope_scaling=dict(type="longrope", short_factor=[1.0 + i / 48 for i in range(48)], long_factor=[4.0 + i for i in range(48)]),
+        rope_theta=10000.0, rms_norm_eps=1e-5, sliding_window=262144, tie_word_embeddings=True, pad_token_id=199999,
+        bos_token_id=199999, eos_token_id=199999), Path("results/export_phi-4-mini_shape.md")),
 }
 DEMO_TITLE = "Export of the demo model (SmolLM2-135M-Instruct)"
 DEMO_OUTPUT = Path("results/export_time_smollm2.md")

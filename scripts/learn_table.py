@@ -2,6 +2,8 @@
 
     python scripts/learn_table.py          # about 10 minutes on 2 CPU cores; writes results/learn_one_command.md
 
+OMP_NUM_THREADS=1 beside another job: two processes of two threads each on two cores take several times as long.
+
 A small Qwen3 is trained on calib.txt (scripts/tiny_qwen3.py) so that it has structure to learn from; then
 `python -m export.to_pte --model DIR --rotation learn --max-seq-len 256` runs in its own process, timed from
 start to exit (learning, export and the program's check). Perplexity on eval.txt (windows of 256, the model's
@@ -51,6 +53,11 @@ def eval_perplexity(model: Path, rotation: str, quant: str, seed: int = 0) -> fl
     return perplexity(loaded.model, windows, progress=False)
 
 
+def command_line() -> str:
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={threads} " if threads else "") + "python scripts/learn_table.py"
+
+
 def markdown(command: list[str], seconds: float, load: float, report: dict, fp: float, ppl: dict[str, dict[str, float]]) -> str:
     learned = json.loads(Path(report["options"]["rotation"]).with_suffix(".json").read_text())
     v, c = report["verify"], tiny_qwen3.CONFIG
@@ -58,7 +65,7 @@ def markdown(command: list[str], seconds: float, load: float, report: dict, fp: 
     return "\n".join([
         "# One command from a model to its program: `--rotation learn` on a small trained Qwen3",
         "",
-        "Command: `python scripts/learn_table.py`",
+        f"Command: `{command_line()}`",
         "",
         f"Machine and libraries: {environment_line()}; {os.cpu_count()} cores.",
         "",

@@ -73,7 +73,8 @@ def parameters(config: PretrainedConfig) -> int:
 def row(name: str, fusion: float, run: dict) -> str:
     r, v, config = run["report"], run["report"]["verify"], config_of(name)
     return (f"| {SHAPES[name].name} | {config.num_hidden_layers} | {parameters(config) / 1e9:.2f} B | {hadamard_sizes(config)} | {fusion:.1e} | "
-            f"{run['wall']:.0f} | {run['peak_rss_mb']} | {r['pte_bytes'] / 2**20:.0f} | {v['mean_kl']:.2g}, {v['top1_agreement']:.0%} |")
+            f"{run['wall']:.0f} | {run['peak_rss_mb']} | {r['pte_bytes'] / 2**20:.0f} | {v['mean_kl']:.2g}, {v['top1_agreement']:.0%} | "
+            f"{run['load_at_start']:.1f} |")
 
 
 def main() -> None:
@@ -97,14 +98,15 @@ def main() -> None:
         "",
         f"Command: `{command}`",
         "",
-        f"Machine and libraries: {environment_line()}; {os.cpu_count()} cores.",
+        f"Machine and libraries: {environment_line()}; {os.cpu_count()} cores. Load average (1 min) at each export's start is in the "
+        "table: other processes running at the same time slow it down.",
         "",
         f"Every program: `python -m export.to_pte --rotation hadamard --max-seq-len {args.max_seq_len}` (random Hadamard R1/R2, R4 "
         "folded with our online Hadamard kernel; 8da4w g32, 8-bit embedding, 8da8w lm_head). Fusion error: float64, "
         "the shape's first 2 layers with a 1,024-token vocabulary, random norm gains.",
         "",
-        "| shape | layers | parameters | Hadamard sizes | fusion error (max \\|Δ logit\\|) | export wall s (check included) | peak RSS MB | .pte MiB | check: mean KL, top-1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | layers | parameters | Hadamard sizes | fusion error (max \\|Δ logit\\|) | export wall s (check included) | peak RSS MB | .pte MiB | check: mean KL, top-1 | load at start |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ])

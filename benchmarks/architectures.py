@@ -28,6 +28,7 @@ from export_time import SHAPES, timed_export, write_random_model
 from spinquant.environment import environment_line
 from spinquant.files import write_atomic
 from spinquant.hadamard import factor_size
+from spinquant.models import randomize_norm_gains
 from spinquant.rotation import head_dim
 
 ARCHITECTURES = ("qwen2.5-0.5b-shape", "qwen3-0.6b-shape", "qwen2.5-1.5b-shape", "phi-4-mini-shape", "llama-3.2-3b-shape")
@@ -55,9 +56,9 @@ def fusion_error(name: str) -> float:
     """max |Δ logits| in float64: the shape's 2 first layers, 1,024-token vocabulary, random Hadamard R1/R2 and R4."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config_of(name, num_hidden_layers=2, vocab_size=1024, pad_token_id=0)).double().eval()
-    for module_name, module in model.named_modules():
+    randomize_norm_gains(model)
+    for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):  # transformers' own computes in float32, whatever the model's dtype
-            module.weight.data = torch.rand_like(module.weight) * 2 + 0.1  # random gains, so that folding them is exercised
             module.forward = types.MethodType(rms_norm_float64, module)
     ids = torch.randint(0, 1024, (1, 64))
     reference = model(ids).logits

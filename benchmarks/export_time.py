@@ -48,6 +48,7 @@ LLAMA_3 = dict(
     rope_scaling=dict(rope_type="llama3", factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
                       original_max_position_embeddings=8192),
 )
+QWEN = dict(vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
 SHAPES = {
     "llama-3.2-1b-shape": Shape("Llama 3.2 1B", dict(
         LLAMA_3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -56,16 +57,16 @@ SHAPES = {
         LLAMA_3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
         num_key_value_heads=8, head_dim=128), Path("results/export_3b_shape.md")),
     "qwen2.5-0.5b-shape": Shape("Qwen2.5-0.5B", dict(
-        model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        head_dim=64, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        QWEN, model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=32768),
         Path("results/export_qwen2.5-0.5b_shape.md")),
     "qwen2.5-1.5b-shape": Shape("Qwen2.5-1.5B", dict(
-        model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        head_dim=128, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        QWEN, model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, head_dim=128, max_position_embeddings=32768),
         Path("results/export_qwen2.5-1.5b_shape.md")),
     "qwen3-0.6b-shape": Shape("Qwen3-0.6B", dict(
-        model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-        head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
+        QWEN, model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960),
         Path("results/export_qwen3-0.6b_shape.md")),
     # Longrope's real factors are not reachable offline: made-up ones (a program with --max-seq-len up to
     # original_max_position_embeddings uses the short ones).

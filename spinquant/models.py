@@ -253,11 +253,15 @@ def tiny_llama_config(
 def tiny_llama(config: LlamaConfig, seed: int = 0, dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
     """A random tiny Llama whose norm gains are random too, so norm folding is really exercised."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand_like(p) * 2 + 0.1)
+    return randomize_norm_gains(LlamaForCausalLM(config).to(dtype).eval())
+
+
+@torch.no_grad()
+def randomize_norm_gains(model: torch.nn.Module) -> torch.nn.Module:
+    """Every RMSNorm gain drawn from U(0.1, 2.1), in parameter order: folding gains of 1 would test nothing."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(torch.rand_like(p) * 2 + 0.1)
     return model
 
 

@@ -13,7 +13,7 @@ from transformers import (MistralConfig, MistralForCausalLM, Phi3Config, Phi3For
 
 import spinquant
 from conftest import SAMPLE_TEXT
-from spinquant.models import train_bpe_tokenizer
+from spinquant.models import randomize_norm_gains, train_bpe_tokenizer
 from export.to_pte import main as export_main
 from export.to_pte import run
 from export.options import ExportOptions
@@ -36,11 +36,10 @@ FAMILIES = {
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:
     torch.manual_seed(0)
+    randomize_norm_gains(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand_like(p) * 2 + 0.1)
-            elif name.endswith("bias"):
+            if name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.5)
     return model.eval()
 

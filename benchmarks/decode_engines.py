@@ -4,7 +4,7 @@
 
 benchmarks/decode_speed.py starts one such process per engine and thread count, so that each
 one's peak RSS and thread settings are its own. Every engine sits behind the interface that
-runner.generate's generate() drives (metadata, prefill_logits, forward), so all of them are timed
+runner.generate's generate() drives (metadata, prefill, forward), so all of them are timed
 by the same loop: prefill = prompt in → first token chosen; decode = each later token.
 """
 
@@ -30,8 +30,8 @@ class FixedLength:
     def metadata(self) -> dict:
         return {**self.program.metadata(), "get_eos_ids": []}
 
-    def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.program.prefill_logits(ids)
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.program.prefill(ids)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.program.forward(ids, positions)
@@ -50,7 +50,7 @@ class HfEager:
     def metadata(self) -> dict:
         return {"get_max_seq_len": self.model.config.max_position_embeddings}
 
-    def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
@@ -76,7 +76,7 @@ class LlamaCpp:
     def metadata(self) -> dict:
         return {"get_max_seq_len": self.context}
 
-    def prefill_logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.llm.reset()
         return self.forward(ids, torch.arange(ids.shape[1]))
 

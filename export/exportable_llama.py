@@ -125,10 +125,15 @@ class RMSNorm(nn.Module):
 
 
 class ExportableLlama(nn.Module):
-    """forward(input_ids[1, T], cache_position[T]) -> logits[1, T, vocab], ExecuTorch's LLM-runner convention."""
+    """forward(input_ids[1, T], cache_position[T]) -> logits[1, 1, vocab] of the last position, ExecuTorch's LLM-runner
+    convention (what a runner samples from); logits[1, T, vocab] with full_logits, for perplexity and comparisons.
 
-    def __init__(self, model: LlamaForCausalLM, max_seq_len: int):
+    Last-only keeps the program's memory plan from holding T × vocab logits (2,048 × 49,152 floats: 384 MiB on the
+    demo) and skips the lm_head for every prompt position but the last."""
+
+    def __init__(self, model: LlamaForCausalLM, max_seq_len: int, full_logits: bool = False):
         super().__init__()
+        self.full_logits = full_logits
         config = model.config
         head = head_dim(config)
         self.embed_tokens, self.norm, self.lm_head = model.model.embed_tokens, RMSNorm(model.model.norm), per_token_linear(model.lm_head)
@@ -151,4 +156,4 @@ class ExportableLlama(nn.Module):
         for attn, mlp, norm1, norm2 in zip(self.attentions, self.mlps, self.input_norms, self.post_attention_norms):
             x = x + attn(norm1(x), cos, sin, start)
             x = x + mlp(norm2(x))
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x if self.full_logits else x[:, -1:]))

@@ -34,6 +34,7 @@ class ExportOptions:
     output_dir: Path = Path("out")
     dtype: str = "fp32"
     verify: bool = True
+    full_logits: bool = False  # forward's logits for every position (evaluation), not the last one's (what ships)
     seed: int = 0
     gptq: bool = False  # int4 weights by GPTQ (spinquant/gptq.py) on the calibration text, run now
     gptq_file: str = ""  # or a saved GPTQ result: python -m spinquant.eval --w-gptq --gptq-output FILE

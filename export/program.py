@@ -58,12 +58,12 @@ def metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, max_se
     )
 
 
-def export_program(model: LlamaForCausalLM, max_seq_len: int) -> torch.export.ExportedProgram:
+def export_program(model: LlamaForCausalLM, max_seq_len: int, full_logits: bool = False) -> torch.export.ExportedProgram:
     ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)
     seq = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
     with torch.no_grad():
         return torch.export.export(
-            ExportableLlama(model, max_seq_len), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
+            ExportableLlama(model, max_seq_len, full_logits), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
         )
 
 

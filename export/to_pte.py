@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq --gptq-output FILE)")
     p.add_argument("--gptq-windows", type=int, help=f"calibration windows for --gptq (default {d.gptq_windows})")
     p.add_argument("--calib-text", type=Path, help="calibration text for --gptq and --rotation learn (default: the packaged WikiText-2 calib.txt)")
+    p.add_argument("--full-logits", action="store_const", const=True,
+                   help="forward returns every position's logits, as perplexity and runner.compare need (default: the last "
+                        "position's only, what a runner samples from, without a T × vocab logits buffer in the program's memory)")
     p.add_argument("--no-verify", dest="verify", action="store_const", const=False, help="skip running the .pte against eager")
     add_verbose_flag(p)
     args = vars(p.parse_args(argv))
@@ -180,7 +183,7 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
         metadata=metadata(model, loaded.tokenizer, opts.max_seq_len), parts=program_parts(model),
     )
     with stage("torch.export"):
-        program = export_program(model, opts.max_seq_len)
+        program = export_program(model, opts.max_seq_len, opts.full_logits)
     return program, model_facts, reference, loaded.tokenizer
 
 

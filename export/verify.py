@@ -37,7 +37,7 @@ class EagerReference:
     """What the program is checked against: each step's inputs and the eager model's logits for them."""
 
     inputs: list[tuple[torch.Tensor, torch.Tensor]]  # (input_ids, cache_position) of each step
-    logits: torch.Tensor  # every step's logits, positions stacked
+    logits: list[torch.Tensor]  # each step's logits [T, vocab], every position
 
 
 @torch.no_grad()
@@ -53,12 +53,14 @@ def eager_reference(model: LlamaForCausalLM, prompt_ids: list[int], max_seq_len:
         inputs.append((ids, pos))
         logits.append(eager(input_ids=ids, cache_position=pos)[0])
         ids, pos = logits[-1][-1].argmax().view(1, 1), pos[-1:] + 1
-    return EagerReference(inputs, torch.cat(logits))
+    return EagerReference(inputs, logits)
 
 
 def compare_with_reference(pte: Path, reference: EagerReference) -> Agreement:
+    """Every position the program returns logits for: the last of each step, or all of them (--full-logits)."""
     program = PteProgram(pte)
-    ours, ref = torch.cat([program.forward(ids, pos)[0] for ids, pos in reference.inputs]), reference.logits
+    steps = [program.forward(ids, pos)[0] for ids, pos in reference.inputs]
+    ours, ref = torch.cat(steps), torch.cat([step[-len(mine):] for step, mine in zip(reference.logits, steps)])
     return Agreement(
         max_abs_logit_diff=(ours - ref).abs().max().item(),
         max_abs_logit=ref.abs().max().item(),

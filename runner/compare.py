@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.pte.is_file():
         raise UserError(f"program not found: {args.pte}")
     options = export_options(args.pte)
+    if not options.get("full_logits"):
+        raise UserError(f"{args.pte} returns the last position's logits only; compare needs every position's: "
+                        "export it again with --full-logits")
     program = PteProgram(args.pte)
     cache_len = program.metadata()["get_max_seq_len"]
     if args.seqlen > cache_len:

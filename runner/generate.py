@@ -75,7 +75,7 @@ def generate(
         raise UserError(f"the prompt has {len(prompt_ids)} tokens; the program holds 1 to {max_len - 1}")
     generator = torch.Generator().manual_seed(sampling.seed)
     start = time.perf_counter()
-    logits = program.prefill_logits(torch.tensor([prompt_ids]))[0, -1]
+    logits = program.prefill(torch.tensor([prompt_ids]))[0, -1]
     new: list[int] = []
     first_token_at = None
     while len(new) < max_new_tokens:

@@ -42,7 +42,7 @@ def rotation_spec(model: str, rotation: str) -> str:
 
 def export(model: str, rotation: str, out: Path) -> tuple[dict, float]:
     start = time.time()
-    cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--rotation", rotation, "--output-dir", str(out)]
+    cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--rotation", rotation, "--full-logits", "--output-dir", str(out)]
     subprocess.run(cmd, check=True)
     return json.loads((out / "export_report.json").read_text()), time.time() - start
 

@@ -38,7 +38,7 @@ def export(model: str, rotation: str, gptq_file: Path, out: Path) -> dict:
     """`python -m export.to_pte` in a fresh process, as the export table runs it, plus --gptq-file."""
     start = time.time()
     cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--rotation", rotation,
-           "--gptq-file", str(gptq_file), "--output-dir", str(out)]
+           "--gptq-file", str(gptq_file), "--full-logits", "--output-dir", str(out)]
     subprocess.run(cmd, check=True)
     report = json.loads((out / "export_report.json").read_text())
     return dict(report=report, wall_seconds=round(time.time() - start, 1))

@@ -25,10 +25,11 @@ def assert_program_matches_eager(opts: ExportOptions, steps: int = 8, tol: float
     eager = with_static_cache(eager_quantized(opts), opts.max_seq_len)
     ids, pos = torch.tensor([[5, 17, 33, 2, 60, 7, 11]]), torch.arange(7)
     with torch.no_grad():
-        for _ in range(steps + 1):  # prefill (every position), then decode steps
+        for _ in range(steps + 1):  # prefill, then decode steps
             ours, ref = program.forward(ids, pos), eager(input_ids=ids, cache_position=pos)
-            assert ours.shape == ref.shape
-            assert (ours - ref).abs().max() < tol
+            expected = ref if opts.full_logits else ref[:, -1:]
+            assert ours.shape == expected.shape
+            assert (ours - expected).abs().max() < tol
             ids, pos = ref[:, -1:].argmax(-1), pos[-1:] + 1
 
 
@@ -47,7 +48,7 @@ def test_default_export_matches_eager_and_reports(default_export):
     assert saved["options"]["qlinear"] == "8da4w" and saved["rotation"]["r4_online_hadamard"]
     assert saved["pte_bytes"] == (opts.output_dir / "model.pte").stat().st_size
     assert saved["verify"]["top1_agreement"] == 1.0 and saved["verify"]["max_abs_logit_diff"] < 1e-3
-    assert saved["verify"]["mean_kl"] < 1e-6 and saved["verify"]["positions"] > 8  # prompt positions + 8 decode steps
+    assert saved["verify"]["mean_kl"] < 1e-6 and saved["verify"]["positions"] == 9  # the prompt's last position + 8 decode steps
     assert {"torch", "executorch", "torchao"} <= set(saved["environment"])
 
 
@@ -197,4 +198,4 @@ def test_a_bf16_checkpoint_exports_the_program_of_its_float32_copy(tiny_hf_dir, 
     }
     assert load_model(str(tmp_path / "bf16"), None).model.dtype == torch.bfloat16
     assert (tmp_path / "out-bf16" / "model.pte").read_bytes() == (tmp_path / "out-fp32" / "model.pte").read_bytes()
-    assert reports["bf16"]["verify"]["mean_kl"] < 1e-6
+    assert reports["bf16"]["verify"]["mean_kl"] < 1e-5  # float rounding, over the 9 positions the check sees

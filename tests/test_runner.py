@@ -32,11 +32,20 @@ def program_dir(tiny_hf_dir, tmp_path_factory):
     return opts.output_dir
 
 
+@pytest.fixture(scope="module")
+def full_logits_program_dir(tiny_hf_dir, tmp_path_factory):
+    """The same program with every position's logits, as perplexity and runner.compare need."""
+    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", max_seq_len=32, full_logits=True,
+                         output_dir=tmp_path_factory.mktemp("pte-full"))
+    run(opts.check())
+    return opts.output_dir
+
+
 def greedy_reference(program: PteProgram, ids: list[int], n: int) -> list[int]:
     """Slow and plain: the whole sequence re-run from position 0 for every new token."""
     out = list(ids)
     for _ in range(n):
-        out.append(int(program.prefill_logits(torch.tensor([out]))[0, -1].argmax()))
+        out.append(int(program.prefill(torch.tensor([out]))[0, -1].argmax()))
     return out[len(ids):]
 
 
@@ -186,17 +195,34 @@ def test_missing_program_is_refused(tmp_path):
         main(["--pte", str(tmp_path / "nope.pte"), "--prompt", "hi"])
 
 
-def test_compare_separates_quantization_from_export_error(program_dir, tiny_hf_dir, tmp_path):
+def test_the_shipped_program_returns_the_last_position_and_the_full_one_every_position(program_dir, full_logits_program_dir):
+    ids = torch.tensor([[5, 17, 33, 2, 60, 7, 11]])
+    last, full = PteProgram(program_dir / "model.pte"), PteProgram(full_logits_program_dir / "model.pte")
+    every = full.prefill_logits(ids, chunk=4)
+    assert last.forward(ids, torch.arange(7)).shape == (1, 1, every.shape[-1]) and every.shape[:2] == (1, 7)
+    assert torch.allclose(last.prefill(ids, chunk=4), every[:, -1:], atol=1e-4)
+    with pytest.raises(UserError, match="returns the last position's logits only; perplexity and comparisons need a program exported with --full-logits"):
+        last.prefill_logits(ids, chunk=4)
+
+
+def test_compare_refuses_a_program_with_the_last_logits_only(program_dir, tmp_path):
+    from runner.compare import main as compare_main
+
+    with pytest.raises(UserError, match="returns the last position's logits only; compare needs every position's"):
+        compare_main(["--pte", str(program_dir / "model.pte"), "--output", str(tmp_path / "cmp")])
+
+
+def test_compare_separates_quantization_from_export_error(full_logits_program_dir, tiny_hf_dir, tmp_path):
     from runner.compare import main as compare_main
     from spinquant.data import token_windows
     from spinquant.metrics import perplexity, perplexity_of
 
     out = tmp_path / "cmp"
     text = tiny_hf_dir.parent / "text.txt"
-    result = compare_main(["--pte", str(program_dir / "model.pte"), "--text", str(text), "--seqlen", "16", "--max-windows", "3", "--output", str(out)])
+    result = compare_main(["--pte", str(full_logits_program_dir / "model.pte"), "--text", str(text), "--seqlen", "16", "--max-windows", "3", "--output", str(out)])
     loaded = load_model(str(tiny_hf_dir))
     windows = token_windows(loaded.tokenizer, text.read_text(), 16, 3)
-    program = PteProgram(program_dir / "model.pte")
+    program = PteProgram(full_logits_program_dir / "model.pte")
     assert result["perplexity"]["pte"] == pytest.approx(perplexity_of(program.prefill_logits, windows, progress=False), rel=1e-6)
     assert result["perplexity"]["hf_fp32"] == pytest.approx(perplexity(loaded.model, windows, progress=False), rel=1e-6)
     assert result["mean_kl_pte_vs_eager"] < 1e-6  # the tiny program matches its eager model to 1e-3

@@ -11,7 +11,7 @@ namespace spinquant {
 
 namespace {
 
-// runner.pte.PteProgram.prefill_logits feeds the prompt in chunks of this size; feeding it the same
+// runner.pte.PteProgram.prefill feeds the prompt in chunks of this size (runner.pte.CHUNK); feeding it the same
 // way makes both runners compute the same logits.
 constexpr size_t kPrefillChunk = 256;
 

@@ -144,3 +144,10 @@ def emit_program(edge: EdgeProgramManager) -> ExecutorchProgramManager:
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
+
+
+def planned_memory_bytes(manager: ExecutorchProgramManager) -> dict[str, int]:
+    """Per method, the bytes of its memory plan: every activation, the KV cache and the outputs, allocated
+    when a runtime loads the method (ExecuTorch's Python MethodMeta does not expose them; the program does)."""
+    return {plan.name: sum(plan.non_const_buffer_sizes) for plan in manager.executorch_program.execution_plan}
+

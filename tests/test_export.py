@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from export.options import ExportOptions
 from export.program import with_static_cache
@@ -10,7 +11,7 @@ from export.verify import check_agreement, compare_with_reference, eager_referen
 from runner.pte import PteProgram
 from spinquant.errors import UserError
 from spinquant.metrics import kl_per_position
-from spinquant.models import load_model
+from spinquant.models import load_model, tiny_llama, tiny_llama_config
 from spinquant.pipeline import prepare
 from spinquant.rotation import LEARNED_ROTATIONS
 
@@ -199,3 +200,20 @@ def test_a_bf16_checkpoint_exports_the_program_of_its_float32_copy(tiny_hf_dir, 
     assert load_model(str(tmp_path / "bf16"), None).model.dtype == torch.bfloat16
     assert (tmp_path / "out-bf16" / "model.pte").read_bytes() == (tmp_path / "out-fp32" / "model.pte").read_bytes()
     assert reports["bf16"]["verify"]["mean_kl"] < 1e-5  # float rounding, over the 9 positions the check sees
+
+
+def test_the_memory_plan_holds_the_last_logits_only_unless_asked_for_all(tiny_hf_dir, tmp_path):
+    """A vocabulary large enough for the logits to dominate the plan, as on real models (demo: 384 MiB of 2,048 × 49,152)."""
+    vocab, max_seq_len = 8192, 64
+    model = tiny_llama(tiny_llama_config(vocab=vocab), dtype=torch.float32)
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_hf_dir).save_pretrained(tmp_path / "model")
+    planned = {
+        full: run(ExportOptions(model=str(tmp_path / "model"), rotation="none", max_seq_len=max_seq_len, full_logits=full,
+                                verify=False, output_dir=tmp_path / f"out-{full}").check())["planned_memory_bytes"]["forward"]
+        for full in (False, True)
+    }
+    logits_of_the_longest_call = (max_seq_len - 1) * vocab * 4
+    assert planned[True] >= logits_of_the_longest_call
+    assert planned[False] < logits_of_the_longest_call / 4  # activations and one position's logits
+

@@ -48,7 +48,7 @@ class HfEager:
         self.cache = None
 
     def metadata(self) -> dict:
-        return {"get_max_seq_len": self.model.config.max_position_embeddings}
+        return {"get_max_context_len": self.model.config.max_position_embeddings}
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         from transformers import DynamicCache
@@ -74,7 +74,7 @@ class LlamaCpp:
         self.context = context
 
     def metadata(self) -> dict:
-        return {"get_max_seq_len": self.context}
+        return {"get_max_context_len": self.context}
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.llm.reset()

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     reports = {"pte": ensure_export(args.pte, None), "pte_unrotated": ensure_export(args.pte_unrotated, "none")}
     gguf = args.gguf or demo_gguf_path(reports["pte"]["options"]["model"])
     prompt = prompt_ids(args.pte, args.prompt_tokens)
-    rows = measure_rows(args, engines(args, reports, gguf), prompt, reports["pte"]["metadata"]["get_max_seq_len"])
+    rows = measure_rows(args, engines(args, reports, gguf), prompt, reports["pte"]["metadata"]["get_max_context_len"])
     bounds, parts = bound_rows(args, reports["pte"], gguf)
     profiles = {t: run_worker("decode_profile.py", dict(path=str(args.pte / "model.pte"), threads=t, prompt_ids=prompt, steps=args.profile_steps))
                 for t in args.threads}

@@ -31,6 +31,7 @@ class ExportOptions:
     qembedding: str = "8w"
     lm_head: str = "8da8w"  # Meta's shipped Llama 3.2 SpinQuant recipe: 8-bit lm_head
     max_seq_len: int = 2048
+    prefill_chunk: int = 256  # the most tokens one call takes (ExecuTorch's get_max_seq_len): activations are planned for it
     output_dir: Path = Path("out")
     dtype: str = "fp32"
     verify: bool = True
@@ -62,6 +63,8 @@ class ExportOptions:
             raise UserError("give --gptq (run GPTQ now) or --gptq-file (a saved result), not both")
         if self.max_seq_len < 2:
             raise UserError(f"--max-seq-len {self.max_seq_len} is too small; it must be at least 2")
+        if self.prefill_chunk < 1:
+            raise UserError(f"--prefill-chunk must be at least 1, not {self.prefill_chunk}")
         if self.learn_iters < 1:
             raise UserError(f"--learn-iters must be at least 1, not {self.learn_iters}")
         if self.resume and self.rotation != "learn":

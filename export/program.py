@@ -43,11 +43,18 @@ def end_token_ids(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase) -
     return sorted({i for i in ids if i is not None})
 
 
-def metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> dict:
-    """Constant methods ExecuTorch's C++ LLM runner (and the Android/iOS demo apps) read."""
+def longest_call(max_seq_len: int, prefill_chunk: int) -> int:
+    """The most tokens one forward call takes: a prefill chunk, and never more than the cache holds beside a next token."""
+    return min(prefill_chunk, max_seq_len - 1)
+
+
+def metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, prefill_chunk: int) -> dict:
+    """Constant methods ExecuTorch's C++ LLM runner (and the Android/iOS demo apps) read: as in ExecuTorch's own
+    Llama export, get_max_seq_len is the most tokens one call takes (its runner prefills longer prompts in chunks
+    of it) and get_max_context_len the KV cache's length."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
     return dict(
-        get_max_seq_len=max_seq_len,
+        get_max_seq_len=longest_call(max_seq_len, prefill_chunk),
         get_max_context_len=max_seq_len,
         get_bos_id=int(bos if bos is not None else -1),
         get_eos_ids=end_token_ids(model, tokenizer),
@@ -58,9 +65,10 @@ def metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, max_se
     )
 
 
-def export_program(model: LlamaForCausalLM, max_seq_len: int, full_logits: bool = False) -> torch.export.ExportedProgram:
+def export_program(model: LlamaForCausalLM, max_seq_len: int, prefill_chunk: int, full_logits: bool = False) -> torch.export.ExportedProgram:
+    """Activations are planned for the longest call, a prefill chunk: not for a whole context's prompt at once."""
     ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)
-    seq = torch.export.Dim("seq_len", min=1, max=max_seq_len - 1)
+    seq = torch.export.Dim("seq_len", min=1, max=longest_call(max_seq_len, prefill_chunk))
     with torch.no_grad():
         return torch.export.export(
             ExportableLlama(model, max_seq_len, full_logits), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
@@ -149,5 +157,6 @@ def emit_program(edge: EdgeProgramManager) -> ExecutorchProgramManager:
 def planned_memory_bytes(manager: ExecutorchProgramManager) -> dict[str, int]:
     """Per method, the bytes of its memory plan: every activation, the KV cache and the outputs, allocated
     when a runtime loads the method (ExecuTorch's Python MethodMeta does not expose them; the program does)."""
-    return {plan.name: sum(plan.non_const_buffer_sizes) for plan in manager.executorch_program.execution_plan}
+    sizes = {plan.name: sum(plan.non_const_buffer_sizes) for plan in manager.executorch_program.execution_plan}
+    return {name: size for name, size in sizes.items() if size}  # the metadata methods plan nothing
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
-from export.program import delegate_linears, emit_program, export_program, metadata, planned_memory_bytes
+from export.program import delegate_linears, emit_program, export_program, longest_call, metadata, planned_memory_bytes
 from export.verify import PROMPT, EagerReference, check_agreement, compare_with_reference, eager_reference
 from spinquant.data import calibration_text
 from spinquant.environment import describe_environment
@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--qembedding", help=f"{' | '.join(QEMBEDDING)} (default {d.qembedding})")
     p.add_argument("--lm-head", help=f"{' | '.join(LM_HEAD)} (default {d.lm_head})")
     p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {d.max_seq_len})")
+    p.add_argument("--prefill-chunk", type=int, help=f"the most tokens one forward call takes; runners prefill longer prompts in "
+                                                     f"chunks of it, and the program's activations are planned for it (default {d.prefill_chunk})")
     p.add_argument("--output-dir", type=Path, help=f"(default {d.output_dir})")
     p.add_argument("--dtype", help=f"(default {d.dtype})")
     p.add_argument("--seed", type=int, help="seed of random rotations")
@@ -177,14 +179,14 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
     if opts.verify:
         prompt = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
         with stage("eager reference"):
-            reference = eager_reference(model, prompt, opts.max_seq_len)
+            reference = eager_reference(model, prompt, opts.max_seq_len, longest_call(opts.max_seq_len, opts.prefill_chunk))
     done = model.spinquant
     model_facts = dict(
         rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning), gptq=done.gptq.describe() if done.gptq else None,
-        metadata=metadata(model, loaded.tokenizer, opts.max_seq_len), parts=program_parts(model),
+        metadata=metadata(model, loaded.tokenizer, opts.max_seq_len, opts.prefill_chunk), parts=program_parts(model),
     )
     with stage("torch.export"):
-        program = export_program(model, opts.max_seq_len, opts.full_logits)
+        program = export_program(model, opts.max_seq_len, opts.prefill_chunk, opts.full_logits)
     return program, model_facts, reference, loaded.tokenizer
 
 

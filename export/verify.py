@@ -41,18 +41,20 @@ class EagerReference:
 
 
 @torch.no_grad()
-def eager_reference(model: LlamaForCausalLM, prompt_ids: list[int], max_seq_len: int, decode_steps: int = 8) -> EagerReference:
-    """Every prompt position, then greedy steps on the eager model's own choices, which the program is fed too.
+def eager_reference(model: LlamaForCausalLM, prompt_ids: list[int], max_seq_len: int, longest_call: int,
+                    decode_steps: int = 8) -> EagerReference:
+    """The prompt in calls of at most `longest_call` tokens, as a runner prefills it, then greedy steps on the eager
+    model's own choices, which the program is fed too.
 
     Taken before the lowering, so that the eager model can be freed before the program is loaded beside it."""
     eager = with_static_cache(model, max_seq_len)
-    ids = torch.tensor([prompt_ids[: max_seq_len - decode_steps]])
-    pos = torch.arange(ids.shape[1])
-    inputs, logits = [], []
-    for _ in range(decode_steps + 1):
-        inputs.append((ids, pos))
-        logits.append(eager(input_ids=ids, cache_position=pos)[0])
-        ids, pos = logits[-1][-1].argmax().view(1, 1), pos[-1:] + 1
+    prompt = torch.tensor([prompt_ids[: max_seq_len - decode_steps]])
+    inputs = [(ids, torch.arange(start, start + ids.shape[1])) for start, ids in zip(range(0, prompt.shape[1], longest_call),
+                                                                                      prompt.split(longest_call, dim=1))]
+    logits = [eager(input_ids=ids, cache_position=pos)[0] for ids, pos in inputs]
+    for _ in range(decode_steps):
+        inputs.append((logits[-1][-1].argmax().view(1, 1), inputs[-1][1][-1:] + 1))
+        logits.append(eager(input_ids=inputs[-1][0], cache_position=inputs[-1][1])[0])
     return EagerReference(inputs, logits)
 
 

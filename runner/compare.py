@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{args.pte} returns the last position's logits only; compare needs every position's: "
                         "export it again with --full-logits")
     program = PteProgram(args.pte)
-    cache_len = program.metadata()["get_max_seq_len"]
+    cache_len = program.metadata()["get_max_context_len"]
     if args.seqlen > cache_len:
         raise UserError(f"--seqlen {args.seqlen} is longer than the program's KV cache of {cache_len}")
     loaded = load_model(options["model"])

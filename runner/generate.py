@@ -70,7 +70,7 @@ def generate(
 ) -> tuple[list[int], GenerationStats]:
     """New token ids (without the end token) and the timings; stops at an end token or a full cache."""
     meta = program.metadata()
-    ends, max_len = set(meta.get("get_eos_ids", [])), meta["get_max_seq_len"]
+    ends, max_len = set(meta.get("get_eos_ids", [])), meta["get_max_context_len"]
     if not 0 < len(prompt_ids) < max_len:
         raise UserError(f"the prompt has {len(prompt_ids)} tokens; the program holds 1 to {max_len - 1}")
     generator = torch.Generator().manual_seed(sampling.seed)

@@ -231,6 +231,7 @@ def test_a_gptq_file_that_does_not_fit_is_one_line(case, tiny_hf_dir, decoder_sh
     "argv,problem",
     [
         (["--max-seq-len", "0"], "--max-seq-len 0 is too small; it must be at least 2"),
+        (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1, not 0"),
         (["--max-seq-len", "4096"], "--max-seq-len 4096 is above the model's context of 256 tokens"),
         (["--group-size", "48"], "--group-size 48 is not supported"),
         (["--rotation", "hadamrd"], "unknown rotation 'hadamrd'"),

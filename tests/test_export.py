@@ -57,7 +57,7 @@ def test_check_fails_on_a_program_that_is_not_the_model(default_export, tiny_hf_
     opts, _ = default_export
     other = eager_quantized(opts)
     other.model.norm.weight.data *= 4  # a different model: every logit scaled
-    agreement = compare_with_reference(opts.output_dir / "model.pte", eager_reference(other, [5, 17, 33, 2, 60, 7], opts.max_seq_len))
+    agreement = compare_with_reference(opts.output_dir / "model.pte", eager_reference(other, [5, 17, 33, 2, 60, 7], opts.max_seq_len, opts.prefill_chunk))
     assert agreement.mean_kl > 0.1
     with pytest.raises(UserError, match="diverges from the eager quantized model: mean KL"):
         check_agreement(agreement)
@@ -74,7 +74,7 @@ def test_metadata_reads_back(default_export, tiny_hf_dir):
     opts, _ = default_export
     meta = PteProgram(opts.output_dir / "model.pte").metadata()
     tok = load_model(str(tiny_hf_dir)).tokenizer
-    assert meta["get_max_seq_len"] == 64 and meta["get_n_layers"] == 2
+    assert meta["get_max_context_len"] == 64 and meta["get_max_seq_len"] == 63 and meta["get_n_layers"] == 2  # calls: a 256 chunk, cut to the cache
     assert meta["get_vocab_size"] == len(tok) and meta["get_bos_id"] == tok.bos_token_id
     assert tok.eos_token_id in meta["get_eos_ids"]
     assert meta["use_kv_cache"] and meta["enable_dynamic_shape"]
@@ -209,11 +209,12 @@ def test_the_memory_plan_holds_the_last_logits_only_unless_asked_for_all(tiny_hf
     model.save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(tiny_hf_dir).save_pretrained(tmp_path / "model")
     planned = {
-        full: run(ExportOptions(model=str(tmp_path / "model"), rotation="none", max_seq_len=max_seq_len, full_logits=full,
-                                verify=False, output_dir=tmp_path / f"out-{full}").check())["planned_memory_bytes"]["forward"]
-        for full in (False, True)
+        (full, chunk): run(ExportOptions(model=str(tmp_path / "model"), rotation="none", max_seq_len=max_seq_len, full_logits=full,
+                                         prefill_chunk=chunk, verify=False, output_dir=tmp_path / f"out-{full}-{chunk}").check())["planned_memory_bytes"]["forward"]
+        for full, chunk in ((False, 256), (True, 256), (False, 8))
     }
-    logits_of_the_longest_call = (max_seq_len - 1) * vocab * 4
-    assert planned[True] >= logits_of_the_longest_call
-    assert planned[False] < logits_of_the_longest_call / 4  # activations and one position's logits
+    logits_of_the_longest_call = (max_seq_len - 1) * vocab * 4  # calls of up to 63 tokens: the chunk is cut to what the cache holds
+    assert planned[True, 256] >= logits_of_the_longest_call
+    assert planned[False, 256] < logits_of_the_longest_call / 4  # activations and one position's logits
+    assert planned[False, 8] < planned[False, 256]  # activations planned for 8 tokens, not 63
 

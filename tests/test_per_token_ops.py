@@ -44,7 +44,7 @@ def test_the_online_hadamard_wrapper_gets_a_new_one_and_the_models_stays():
 def test_exported_program_has_per_token_ops_before_every_linear_and_no_torchao_activation_ops(tiny_hf_dir):
     model = load_model(str(tiny_hf_dir)).model.requires_grad_(False)
     quantize_for_export(model, ProgramQuant())
-    targets = [n.target for n in export_program(model, 32).graph.nodes if n.op == "call_function"]
+    targets = [n.target for n in export_program(model, 32, 16).graph.nodes if n.op == "call_function"]
     linears = targets.count(torch.ops.aten.linear.default)  # q/k/v and gate/up run fused
     for op in (PER_TOKEN.choose_qparams_per_token_asymmetric, PER_TOKEN.quantize_per_token, PER_TOKEN.dequantize_per_token):
         assert targets.count(op.default) == linears

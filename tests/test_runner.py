@@ -26,8 +26,9 @@ needs_tokenizer_headers = pytest.mark.skipif(not HAS_TOKENIZER_HEADERS, reason="
 
 @pytest.fixture(scope="module")
 def program_dir(tiny_hf_dir, tmp_path_factory):
-    """The tiny model exported with the online Hadamard (r4), as a user's output directory."""
-    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", max_seq_len=32, output_dir=tmp_path_factory.mktemp("pte"))
+    """The tiny model exported with the online Hadamard (r4), as a user's output directory; calls of at most 4 tokens,
+    so that every runner prefills the test prompts in chunks."""
+    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", max_seq_len=32, prefill_chunk=4, output_dir=tmp_path_factory.mktemp("pte"))
     run(opts.check())
     return opts.output_dir
 
@@ -108,7 +109,7 @@ def test_executorch_llm_runner_gives_the_same_greedy_text(program_dir):
     tokenizer = AutoTokenizer.from_pretrained(program_dir)
     ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ours = tokenizer.decode(generate(PteProgram(program_dir / "model.pte"), ids, 6)[0])
-    assert "".join(pieces) == ours
+    assert "".join(pieces) == ours and len(ids) > 4  # a prompt longer than a call: prefilled in chunks
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_the_shipped_program_returns_the_last_position_and_the_full_one_every_po
     ids = torch.tensor([[5, 17, 33, 2, 60, 7, 11]])
     last, full = PteProgram(program_dir / "model.pte"), PteProgram(full_logits_program_dir / "model.pte")
     every = full.prefill_logits(ids, chunk=4)
-    assert last.forward(ids, torch.arange(7)).shape == (1, 1, every.shape[-1]) and every.shape[:2] == (1, 7)
+    assert last.forward(ids[:, :4], torch.arange(4)).shape == (1, 1, every.shape[-1]) and every.shape[:2] == (1, 7)
     assert torch.allclose(last.prefill(ids, chunk=4), every[:, -1:], atol=1e-4)
     with pytest.raises(UserError, match="returns the last position's logits only; perplexity and comparisons need a program exported with --full-logits"):
         last.prefill_logits(ids, chunk=4)

@@ -11,20 +11,19 @@ namespace spinquant {
 
 namespace {
 
-// runner.pte.PteProgram.prefill feeds the prompt in chunks of this size (runner.pte.CHUNK); feeding it the same
-// way makes both runners compute the same logits.
-constexpr size_t kPrefillChunk = 256;
-
 using Clock = std::chrono::steady_clock;
 
 double seconds(Clock::time_point from, Clock::time_point to) {
   return std::chrono::duration<double>(to - from).count();
 }
 
+// In chunks of the longest call the program takes, as runner.pte.PteProgram.prefill feeds them: both runners
+// then compute the same logits.
 int64_t prefill(LlmProgram& program, const std::vector<int64_t>& prompt) {
+  const auto chunk_len = static_cast<size_t>(program.longest_call());
   int64_t next = -1;
-  for (size_t start = 0; start < prompt.size(); start += kPrefillChunk) {
-    const size_t end = std::min(prompt.size(), start + kPrefillChunk);
+  for (size_t start = 0; start < prompt.size(); start += chunk_len) {
+    const size_t end = std::min(prompt.size(), start + chunk_len);
     std::vector<int64_t> chunk(prompt.begin() + start, prompt.begin() + end);
     next = program.greedy_next(chunk, static_cast<int64_t>(start));
   }
@@ -47,7 +46,7 @@ Generation generate_greedy(
     const std::vector<int64_t>& prompt,
     int64_t max_new_tokens,
     const std::function<void(int64_t)>& on_token) {
-  const int64_t max_len = program.max_seq_len();
+  const int64_t max_len = program.max_context_len();
   const auto prompt_len = static_cast<int64_t>(prompt.size());
   if (prompt_len < 1 || prompt_len >= max_len) {
     throw RunnerError("the prompt has " + std::to_string(prompt_len) + " tokens; the program holds 1 to " +

@@ -34,7 +34,8 @@ LlmProgram::LlmProgram(const std::string& path)
   if (Error error = module_->load_method("forward"); error != Error::Ok) {
     throw RunnerError("cannot load the forward method of " + path + ": " + describe(error));
   }
-  max_seq_len_ = constant_int("get_max_seq_len");
+  max_context_len_ = constant_int("get_max_context_len");
+  longest_call_ = constant_int("get_max_seq_len");
   eos_ids_ = constant_ints("get_eos_ids");
 }
 

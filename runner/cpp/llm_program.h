@@ -16,7 +16,10 @@ class LlmProgram {
   // Loads the program and its forward method, so that a missing kernel fails here, not mid-run.
   explicit LlmProgram(const std::string& path);
 
-  int64_t max_seq_len() const { return max_seq_len_; }
+  // The KV cache's length (get_max_context_len) and the most tokens one call takes (get_max_seq_len), as
+  // ExecuTorch's own runner reads them.
+  int64_t max_context_len() const { return max_context_len_; }
+  int64_t longest_call() const { return longest_call_; }
   const std::vector<int64_t>& eos_ids() const { return eos_ids_; }
 
   // Runs `ids` at positions start..start+len-1 and returns the argmax of the last position's
@@ -28,7 +31,8 @@ class LlmProgram {
   std::vector<int64_t> constant_ints(const std::string& method);
 
   std::unique_ptr<executorch::extension::Module> module_;
-  int64_t max_seq_len_ = 0;
+  int64_t max_context_len_ = 0;
+  int64_t longest_call_ = 0;
   std::vector<int64_t> eos_ids_;
 };
 

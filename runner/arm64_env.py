@@ -57,10 +57,10 @@ CPU revision\t: 1
 
 """
 REPO = Path(__file__).resolve().parent.parent
-# The emulated CPU. qemu's "max" (every feature qemu 7.2 emulates) makes XNNPACK take its SME
-# (KleidiAI) kernels, whose logits came out wrong under Debian 12's qemu 7.2 (tiny program: top-1
-# agreement 0 with x86, while "max,sme=off" and "neoverse-n1" agree to 1e-7 relative): measured in
-# results/arm64.md, not yet told apart from a qemu SME bug. So SME is off unless --cpu max asks.
+# The emulated CPU. qemu's "max" (every feature qemu 7.2 emulates) makes XNNPACK take SME kernels,
+# whose logits came out wrong under Debian 12's qemu 7.2 (tiny program: top-1 agreement 0 with x86,
+# while "max,sme=off" and "neoverse-n1" agree to 1e-7 relative; the demo: results/arm64.md), not yet
+# told apart from a qemu SME bug. So SME is off unless --cpu max asks.
 DEFAULT_CPU = "max,sme=off"
 
 

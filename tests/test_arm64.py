@@ -89,3 +89,12 @@ def test_missing_program_is_one_line_error(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"runner.arm64: error: program not found: {tmp_path / 'none.pte'}"
+
+
+def test_prebuilt_kernel_library_must_exist(tmp_path, monkeypatch):
+    """The arm64 run loads the cross-built library through $SPINQUANT_KERNEL_LIBRARY: a wrong path is one line."""
+    import kernels
+
+    monkeypatch.setenv("SPINQUANT_KERNEL_LIBRARY", str(tmp_path / "none.so"))
+    with pytest.raises(UserError, match="SPINQUANT_KERNEL_LIBRARY=.*none.so: no such file"):
+        kernels.build_library()

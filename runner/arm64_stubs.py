@@ -1,8 +1,8 @@
 """Stand-ins for the CUDA libraries that PyPI's arm64 torch wheel links against.
 
 PyPI's `torch` for `manylinux_2_28_aarch64` is the CUDA build: even `libtorch_cpu.so` names
-`libcudart.so.13` and `libcupti.so.13` as NEEDED, and the real libraries are gigabytes of
-`nvidia-*` wheels. No CUDA code runs here (ExecuTorch's runtime executes the program; torch only
+`libcudart.so.13` and `libcupti.so.13` as NEEDED, and the real libraries come in the `nvidia-*`
+wheels its metadata requires (cuDNN, NCCL, cuSPARSELt, NVSHMEM, …). No CUDA code runs here (ExecuTorch's runtime executes the program; torch only
 holds tensors and registers ops), so each missing library is replaced by a small arm64 shared object
 that defines every symbol the wheel imports from it, under the same symbol versions. Each stub
 function returns 100 (`cudaErrorNoDevice`), so anything that does ask CUDA hears "no device".

@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         s.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the .pte's)")
         s.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
         s.add_argument("--max-new-tokens", type=int, default=32)
-        s.add_argument("--threads", type=int, default=1, help="arm64 threads (each is an emulated core)")
+        s.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the arm64 run (ExecuTorch's thread pool sizes itself)")
         s.add_argument("--cpu", default=DEFAULT_CPU, help=f"qemu's -cpu (default {DEFAULT_CPU}: see runner/arm64_env.py)")
     sub.choices["run"].add_argument("--out", type=Path, required=True, help="the arm64 record (torch.save)")
     sub.choices["compare"].add_argument("--out-dir", type=Path, help="default: <pte dir>/arm64/")

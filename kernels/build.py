@@ -140,7 +140,14 @@ def build_dir() -> Path:
 
 
 def build_library() -> Path:
-    """The shared library with `spinquant::hadamard_transform.out`, built once per source version."""
+    """The shared library with `spinquant::hadamard_transform.out`, built once per source version.
+
+    $SPINQUANT_KERNEL_LIBRARY names a prebuilt one instead: an interpreter with no compiler, such as
+    the arm64 Python under qemu that runner/arm64.py runs, loads the library cross-built for it."""
+    if prebuilt := os.environ.get("SPINQUANT_KERNEL_LIBRARY"):
+        if not Path(prebuilt).is_file():
+            raise UserError(f"SPINQUANT_KERNEL_LIBRARY={prebuilt}: no such file")
+        return Path(prebuilt)
     return build_dir() / LIBRARY
 
 

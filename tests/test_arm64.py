@@ -1,0 +1,100 @@
+"""A .pte made here (x86) runs under qemu-aarch64 in the arm64 environment (runner/arm64_env.py) and
+gives the same greedy tokens and logits; the comparison fails when the arm64 run is wrong."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.options import ExportOptions
+from export.to_pte import run
+from runner.record_diff import diff_records
+from spinquant.errors import UserError
+
+PROMPT = [5, 17, 33, 2, 60, 7, 11, 40]
+
+
+def can_prepare() -> str | None:
+    """Why the arm64 environment cannot be prepared here, or None."""
+    for binary, package in (("qemu-aarch64", "qemu-user"), ("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")):
+        if not shutil.which(binary):
+            return f"needs {package} (apt)"
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        return "needs a Debian/Ubuntu host (the arm64 Python comes from Debian's packages)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def arm64_env():
+    from runner.arm64_env import prepare
+
+    reason = can_prepare()
+    if reason:
+        pytest.skip(reason)
+    # No smoke test: the comparison below runs the runtime under qemu anyway (saves a minute in CI).
+    try:
+        return prepare(check=False)
+    except UserError as e:  # e.g. no sudo for dpkg --add-architecture, no network: .ci/run reports the skip
+        pytest.skip(f"the arm64 environment could not be prepared: {e}")
+
+
+@pytest.fixture(scope="module")
+def records(arm64_env, tiny_hf_dir, tmp_path_factory):
+    """The tiny model's default program (online Hadamard, XNNPACK 8da4w), run on both machines."""
+    from runner.arm64 import compare
+
+    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path_factory.mktemp("pte"))
+    run(opts.check())
+    pte = opts.output_dir / "model.pte"
+    assert b"spinquant::hadamard_transform" in pte.read_bytes()  # our kernel runs on arm64 too
+    payload = compare(pte, PROMPT, 8, opts.output_dir / "arm64")
+    x86, arm64 = (torch.load(opts.output_dir / "arm64" / f"{m}.pt") for m in ("x86", "arm64"))
+    return payload, x86, arm64
+
+
+def test_arm64_run_matches_x86(records):
+    payload, x86, arm64 = records
+    assert x86["machine"] == "x86_64" and arm64["machine"] == "aarch64"
+    assert payload["passes"], payload["diff"]
+    assert payload["arm64_tokens"] == payload["x86_tokens"] and len(payload["x86_tokens"]) > 0
+    diff = payload["diff"]
+    assert diff["top1_agreement"] == 1.0 and diff["positions"] == len(PROMPT) + len(payload["x86_tokens"])
+
+
+def test_a_wrong_arm64_run_fails_the_check(records):
+    """Planted faults in the arm64 record: each must fail the comparison."""
+    _, x86, arm64 = records
+    assert diff_records(x86, arm64).passes()
+
+    scaled = {**arm64, "prompt_logits": arm64["prompt_logits"] * 1.2}  # every logit 20% off
+    assert not diff_records(x86, scaled).passes()
+
+    one_position = arm64["prompt_logits"].clone()  # one position's logits swapped for another's
+    one_position[3] = arm64["prompt_logits"][4]
+    assert not diff_records(x86, {**arm64, "prompt_logits": one_position}).passes()
+
+    tokens = list(arm64["tokens"])
+    tokens[-1] = (tokens[-1] + 1) % arm64["prompt_logits"].shape[-1]  # the last greedy token differs
+    diff = diff_records(x86, {**arm64, "tokens": tokens})
+    assert not diff.passes() and diff.first_different_token == len(tokens) - 1
+
+
+def test_missing_program_is_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.arm64", "run", "--pte", str(tmp_path / "none.pte"), "--ids", "1,2", "--out", str(tmp_path / "o.pt")],
+        capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"runner.arm64: error: program not found: {tmp_path / 'none.pte'}"
+
+
+def test_prebuilt_kernel_library_must_exist(tmp_path, monkeypatch):
+    """The arm64 run loads the cross-built library through $SPINQUANT_KERNEL_LIBRARY: a wrong path is one line."""
+    import kernels
+
+    monkeypatch.setenv("SPINQUANT_KERNEL_LIBRARY", str(tmp_path / "none.so"))
+    with pytest.raises(UserError, match="SPINQUANT_KERNEL_LIBRARY=.*none.so: no such file"):
+        kernels.build_library()

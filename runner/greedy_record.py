@@ -25,10 +25,10 @@ from spinquant.files import write_atomic
 
 @torch.no_grad()
 def greedy_record(program: PteProgram, prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Prefill the prompt (logits of every position), then greedy tokens until an end token, the
+    """Prefill the prompt (logits of every position: a program exported with --full-logits), then greedy tokens until an end token, the
     cache's end or max_new_tokens; ends are kept in `tokens` so both machines stop alike."""
     meta = program.metadata()
-    ends, max_len = set(meta.get("get_eos_ids", [])), meta["get_max_seq_len"]
+    ends, max_len = set(meta.get("get_eos_ids", [])), meta["get_max_context_len"]
     if not 0 < len(prompt_ids) < max_len:
         raise UserError(f"the prompt has {len(prompt_ids)} tokens; the program holds 1 to {max_len - 1}")
     prompt_logits = program.prefill_logits(torch.tensor([prompt_ids]))[0].float()

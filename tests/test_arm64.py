@@ -43,10 +43,10 @@ def arm64_env():
 
 @pytest.fixture(scope="module")
 def records(arm64_env, tiny_hf_dir, tmp_path_factory):
-    """The tiny model's default program (online Hadamard, XNNPACK 8da4w), run on both machines."""
+    """The tiny model's default program (online Hadamard, XNNPACK 8da4w) with every position's logits, run on both machines."""
     from runner.arm64 import compare
 
-    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path_factory.mktemp("pte"))
+    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, full_logits=True, output_dir=tmp_path_factory.mktemp("pte"))
     run(opts.check())
     pte = opts.output_dir / "model.pte"
     assert b"spinquant::hadamard_transform" in pte.read_bytes()  # our kernel runs on arm64 too

@@ -140,10 +140,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.pte.is_file():
         raise UserError(f"program not found: {args.pte}")
     options = export_options(args.pte)
-    if not options.get("full_logits"):
+    program = PteProgram(args.pte)
+    if not program.every_position:
         raise UserError(f"{args.pte} returns the last position's logits only; compare needs every position's: "
                         "export it again with --full-logits")
-    program = PteProgram(args.pte)
     cache_len = program.metadata()["get_max_context_len"]
     if args.seqlen > cache_len:
         raise UserError(f"--seqlen {args.seqlen} is longer than the program's KV cache of {cache_len}")

@@ -32,26 +32,25 @@ class PteProgram:
         self.loaded = kernels.load_program(self.path)
         self.forward_method = self.loaded.methods["forward"]
         self.longest_call = self._constant("get_max_seq_len")  # prompts are fed in chunks of it
+        # forward's output is planned for its longest call: [1, longest_call, vocab] with --full-logits, else [1, 1, vocab].
+        self.every_position = self.loaded.program.metadata("forward").output_tensor_meta(0).sizes()[1] == self.longest_call
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         return self.forward_method.execute([input_ids, cache_position])[0]
 
     def prefill(self, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """The last position's logits (1, 1, vocab) after a whole prompt from position 0, fed in chunks."""
-        return self._chunks(ids, chunk)[-1][:, -1:]
+        return self._chunks(ids, chunk or self.longest_call)[-1][:, -1:]
 
     def prefill_logits(self, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Logits (1, T, vocab) of every position of a sequence from position 0: a program exported with --full-logits."""
-        chunk = chunk or self.longest_call
-        pieces = self._chunks(ids, chunk)
-        if any(p.shape[1] != part.shape[1] for p, part in zip(pieces, ids.split(chunk, dim=1))):
+        if not self.every_position:
             raise UserError(f"{self.path} returns the last position's logits only; perplexity and comparisons need a "
                             "program exported with --full-logits")
-        return torch.cat(pieces, dim=1)
+        return torch.cat(self._chunks(ids, chunk or self.longest_call), dim=1)
 
-    def _chunks(self, ids: torch.Tensor, chunk: int | None) -> list[torch.Tensor]:
+    def _chunks(self, ids: torch.Tensor, chunk: int) -> list[torch.Tensor]:
         """Each chunk's output, fed as a runner prefills (runner/cpp/greedy.cpp and ExecuTorch's runner feed the same chunks)."""
-        chunk = chunk or self.longest_call
         return [
             self.forward(part, torch.arange(start, start + part.shape[1]))
             for start, part in zip(range(0, ids.shape[1], chunk), ids.split(chunk, dim=1))

@@ -171,20 +171,22 @@ def download_debs(downloads: Path, log: Path) -> list[Path]:
     return sorted(debs.glob("*.deb"))
 
 
+def pip_for_arm64(command: str) -> list[str]:
+    """`pip <command>` for the arm64 wheels: this platform's binaries, no dependency resolution (WHEELS lists them)."""
+    return [sys.executable, "-m", "pip", "--disable-pip-version-check", command, "-q",
+            "--platform", PLATFORM, "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--no-deps"]
+
+
 def download_wheels(downloads: Path, log: Path) -> Path:
     wheels = downloads / "wheels"
     say(f"downloading the arm64 wheels into {wheels} (torch's is 0.43 GB; kept for the next time)")
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    platform_args = ["--platform", PLATFORM, "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--no-deps"]
-    run([*pip, "download", "-q", *platform_args, "-d", str(wheels), *requirements()], "pip download", log)
+    run([*pip_for_arm64("download"), "-d", str(wheels), *requirements()], "pip download", log)
     return wheels
 
 
 def install_wheels(wheels: Path, site: Path, log: Path) -> None:
     say(f"installing the wheels for {PLATFORM} into {site}")
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    platform_args = ["--platform", PLATFORM, "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--no-deps"]
-    run([*pip, "install", "-q", *platform_args, "--no-index", "--find-links", str(wheels), "--target", str(site), *requirements()], "pip install --target", log)
+    run([*pip_for_arm64("install"), "--no-index", "--find-links", str(wheels), "--target", str(site), *requirements()], "pip install --target", log)
 
 
 def is_elf(path: Path) -> bool:
@@ -213,8 +215,9 @@ def build_kernels(staging: Path, log: Path) -> None:
         f"-DCMAKE_PREFIX_PATH={staging / 'site' / 'executorch' / 'share' / 'cmake'}",
         "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_CXX_COMPILER={cxx}",
     ]
-    run(configure, "configuring the kernel library", log)
-    run([cmake, "--build", str(build), "--target", "spinquant_kernels", "-j", "1"], "compiling the kernel library", log)
+    # kernels.build's own step runner: a missing compiler or CMake's error comes out as one line, as for the x86 build.
+    kernels.build.run_step("configure", configure, log, "the arm64 kernel library")
+    kernels.build.run_step("compile", [cmake, "--build", str(build), "--target", "spinquant_kernels", "-j", "1"], log, "the arm64 kernel library")
     shutil.copy2(build / kernels.build.LIBRARY, staging / "libspinquant_kernels.so")
     shutil.rmtree(build)
 

@@ -3,7 +3,7 @@
 Hidden 4,096, 32 heads / 8 KV heads of 128, untied 128,256-token vocabulary and intermediate 14,336
 = 28·2⁹ (the size where ExecuTorch's own Hadamard op is wrong), drawn in bf16 as
 benchmarks/export_time.py draws its shapes, with the demo's tokenizer beside it (a program made
-from it is run with token ids). Export: python -m export.to_pte --model DIR --max-seq-len 64.
+from it is run with token ids). Export: python -m export.to_pte --model DIR --max-seq-len 64 --full-logits (runner.arm64 compares every position).
 """
 
 import sys

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (registers torch.ops.llama.*)
-
+from export.kv_cache import kv_cache_module
 from export.per_token_ops import per_token_linear
 from spinquant.rotation import head_dim
 
@@ -52,18 +51,19 @@ def one_linear(module: nn.Module, fused: str, parts: tuple[str, ...]) -> nn.Line
 
 
 class CachedAttention(nn.Module):
-    """One layer's attention over a static cache laid out (1, max_seq_len, kv_heads, head_dim)."""
+    """One layer's attention over a static cache (export/kv_cache.py), with R3 where the rotation has it: queries and
+    keys turned by the online Hadamard after RoPE, so that the quantized keys see no outlier channels."""
 
-    def __init__(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, max_seq_len: int):
+    def __init__(self, attn: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int, max_seq_len: int, kv: str):
         super().__init__()
         self.qkv_proj = per_token_linear(one_linear(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")))
         self.o_proj = per_token_linear(attn.o_proj)
         # Qwen3 normalizes each query and key head before RoPE.
         self.q_norm = RMSNorm(attn.q_norm) if hasattr(attn, "q_norm") else None
         self.k_norm = RMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None
-        self.n_heads, self.n_kv_heads, self.head_dim, self.scale = n_heads, n_kv_heads, head_dim, attn.scaling
-        self.register_buffer("k_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(1, max_seq_len, n_kv_heads, head_dim), persistent=False)
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.online_r3 = getattr(attn, "online_r3", False)
+        self.cache = kv_cache_module(kv, max_seq_len, n_kv_heads, head_dim, attn.scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         seq, heads, kv_heads = x.shape[1], self.n_heads, self.n_kv_heads
@@ -72,11 +72,11 @@ class CachedAttention(nn.Module):
         if self.q_norm is not None:
             q, k = qk.split([heads, kv_heads], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
-        q, k = rotate(qk, cos, sin).split([heads, kv_heads], dim=2)
-        v = v.view(1, seq, kv_heads, self.head_dim)
-        torch.ops.llama.update_cache(k, self.k_cache, start)
-        torch.ops.llama.update_cache(v, self.v_cache, start)
-        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, self.scale)
+        qk = rotate(qk, cos, sin)
+        if self.online_r3:  # one transform for queries and keys together: q·kᵀ is unchanged
+            qk = torch.ops.spinquant.hadamard_transform(qk)
+        q, k = qk.split([heads, kv_heads], dim=2)
+        out = self.cache.attend(q, k, v.view(1, seq, kv_heads, self.head_dim), start)
         return self.o_proj(out.reshape(1, seq, self.n_heads * self.head_dim))
 
 
@@ -131,7 +131,7 @@ class ExportableLlama(nn.Module):
     Last-only keeps the program's memory plan from holding T × vocab logits (2,048 × 49,152 floats: 384 MiB on the
     demo) and skips the lm_head for every prompt position but the last."""
 
-    def __init__(self, model: LlamaForCausalLM, max_seq_len: int, full_logits: bool = False):
+    def __init__(self, model: LlamaForCausalLM, max_seq_len: int, full_logits: bool = False, kv_cache: str = "fp32"):
         super().__init__()
         self.full_logits = full_logits
         config = model.config
@@ -143,7 +143,7 @@ class ExportableLlama(nn.Module):
         self.post_attention_norms = nn.ModuleList(RMSNorm(layer.post_attention_layernorm) for layer in model.model.layers)
         self.mlps = nn.ModuleList(FusedMLP(layer.mlp) for layer in model.model.layers)
         self.attentions = nn.ModuleList(
-            CachedAttention(layer.self_attn, config.num_attention_heads, config.num_key_value_heads, head, max_seq_len)
+            CachedAttention(layer.self_attn, config.num_attention_heads, config.num_key_value_heads, head, max_seq_len, kv_cache)
             for layer in model.model.layers
         )
 

@@ -12,7 +12,7 @@ import yaml
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQConfig
 from spinquant.rotation import default_rotation
-from spinquant.torchao_quant import LM_HEAD, QEMBEDDING, QLINEAR, ProgramQuant
+from spinquant.torchao_quant import KV_CACHES, LM_HEAD, QEMBEDDING, QLINEAR, ProgramQuant
 
 GROUP_SIZES = (32, 64, 128, 256)
 DTYPES = ("fp32",)
@@ -30,6 +30,8 @@ class ExportOptions:
     group_size: int = 32
     qembedding: str = "8w"
     lm_head: str = "8da8w"  # Meta's shipped Llama 3.2 SpinQuant recipe: 8-bit lm_head
+    kv_cache: str = "fp32"
+    r3: bool = True  # with a quantized KV cache, queries and keys turned by the online Hadamard after RoPE
     max_seq_len: int = 2048
     prefill_chunk: int = 256  # the most tokens one call takes (ExecuTorch's get_max_seq_len): activations are planned for it
     output_dir: Path = Path("out")
@@ -46,7 +48,10 @@ class ExportOptions:
 
     def check(self) -> "ExportOptions":
         self.rotation = self.rotation or default_rotation(self.model)
-        for name, allowed in (("qlinear", QLINEAR), ("qembedding", QEMBEDDING), ("lm_head", LM_HEAD), ("dtype", DTYPES)):
+        if self.kv_cache == "int4":
+            raise UserError("--kv-cache int4: ExecuTorch's runtime has no int4 KV-cache or SDPA kernels; use int8 "
+                            "(int4 keys are measured in fake quantization: python -m spinquant.eval --k-bits 4)")
+        for name, allowed in (("qlinear", QLINEAR), ("qembedding", QEMBEDDING), ("lm_head", LM_HEAD), ("kv_cache", KV_CACHES), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)} is not supported; choose one of {', '.join(allowed)}")
         for flag, scheme in (("qlinear", self.qlinear), ("lm-head", self.lm_head)):

@@ -65,14 +65,20 @@ def metadata(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, max_se
     )
 
 
-def export_program(model: LlamaForCausalLM, max_seq_len: int, prefill_chunk: int, full_logits: bool = False) -> torch.export.ExportedProgram:
+def export_program(model: LlamaForCausalLM, max_seq_len: int, prefill_chunk: int, full_logits: bool = False,
+                   kv_cache: str = "fp32") -> torch.export.ExportedProgram:
     """Activations are planned for the longest call, a prefill chunk: not for a whole context's prompt at once."""
     ids, pos = torch.zeros(1, 2, dtype=torch.long), torch.arange(2)
     seq = torch.export.Dim("seq_len", min=1, max=longest_call(max_seq_len, prefill_chunk))
     with torch.no_grad():
         return torch.export.export(
-            ExportableLlama(model, max_seq_len, full_logits), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
+            ExportableLlama(model, max_seq_len, full_logits, kv_cache), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
         )
+
+
+def kv_cache_bytes(program: torch.export.ExportedProgram) -> int:
+    """Bytes of every layer's KV cache (values, and an int8 cache's scales and zero points): the cache modules' buffers."""
+    return sum(t.nbytes for name, t in program.constants.items() if ".cache." in name)
 
 
 def linear_partitioner() -> XnnpackPartitioner:

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from export.options import GROUP_SIZES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
-from export.program import delegate_linears, emit_program, export_program, longest_call, metadata, planned_memory_bytes
+from export.options import GROUP_SIZES, KV_CACHES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
+from export.program import delegate_linears, emit_program, export_program, kv_cache_bytes, longest_call, metadata, planned_memory_bytes
 from export.verify import PROMPT, EagerReference, check_agreement, compare_with_reference, eager_reference
 from spinquant.data import calibration_text
 from spinquant.environment import describe_environment
@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--group-size", type=int, help=f"{' | '.join(map(str, GROUP_SIZES))} (default {d.group_size})")
     p.add_argument("--qembedding", help=f"{' | '.join(QEMBEDDING)} (default {d.qembedding})")
     p.add_argument("--lm-head", help=f"{' | '.join(LM_HEAD)} (default {d.lm_head})")
+    p.add_argument("--kv-cache", help=f"{' | '.join(KV_CACHES)}: int8 keeps keys and values as int8 with a scale and zero point per "
+                                      f"token and head, and attends with ExecuTorch's int8 SDPA (default {d.kv_cache})")
+    p.add_argument("--no-r3", dest="r3", action="store_const", const=False,
+                   help="with --kv-cache int8, leave queries and keys unturned (default: R3, the online Hadamard after RoPE)")
     p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {d.max_seq_len})")
     p.add_argument("--prefill-chunk", type=int, help=f"the most tokens one forward call takes; runners prefill longer prompts in "
                                                      f"chunks of it, and the program's activations are planned for it (default {d.prefill_chunk})")
@@ -186,7 +190,8 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
         metadata=metadata(model, loaded.tokenizer, opts.max_seq_len, opts.prefill_chunk), parts=program_parts(model),
     )
     with stage("torch.export"):
-        program = export_program(model, opts.max_seq_len, opts.prefill_chunk, opts.full_logits)
+        program = export_program(model, opts.max_seq_len, opts.prefill_chunk, opts.full_logits, opts.kv_cache)
+    model_facts["kv_cache_bytes"] = kv_cache_bytes(program)
     return program, model_facts, reference, loaded.tokenizer
 
 

@@ -41,7 +41,7 @@ def rotations(name: str, config, r3: bool) -> Rotations:
 def measure(base: LoadedModel, quant: str, rotation: str, windows: torch.Tensor, device: str) -> float:
     qc = setting(quant)
     model = copy.deepcopy(base.model)
-    return perplexity(prepare(model, rotations(rotation, model.config, qc.quantizes_kv), qc, device=device), windows)
+    return perplexity(prepare(model, rotations(rotation, model.config, qc.online_r3), qc, device=device), windows)
 
 
 def windows_phrase(max_windows: int) -> str:

@@ -167,7 +167,7 @@ def learn(
     """Run (or continue) the plan; returns the model holding the learned rotations and the loss history.
     `on_first_step` hears the seconds the first step of this run took (to say how long the rest will)."""
     qc = RECIPES[plan.recipe]
-    init = rotations_for("hadamard", model.config, seed=plan.seed, r3=qc.quantizes_kv)
+    init = rotations_for("hadamard", model.config, seed=plan.seed, r3=qc.online_r3)
     rm = RotatedLlama(model.to(device), init, qc, DTYPES[plan.dtype]).to(device)  # folds on the device: fast
     if activation_checkpointing:
         rm.enable_activation_checkpointing()

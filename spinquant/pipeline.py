@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from spinquant.data import calibration_text
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQConfig, GPTQResult, check_result_fits, misfit, rotation_id, run_gptq
-from spinquant.quant import QuantConfig, check_groups, quantize_model
+from spinquant.quant import QuantConfig, check_groups, quantize_model, use_kv_quantization
 from spinquant.rotation import Rotations, rotated_parts, rotations_for
 from spinquant.torchao_quant import ProgramQuant, check_group_size, quantize_for_export, write_gptq_weights
 
@@ -59,7 +59,7 @@ def prepare(
     source = str(gptq) if isinstance(gptq, (str, Path)) else "passed to prepare()"
     if isinstance(gptq, (str, Path)):
         gptq = GPTQResult.load(Path(gptq))
-    rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.quantizes_kv)
+    rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.online_r3)
     spec = "custom" if isinstance(rotation, Rotations) else rotation
     check_fits(model, quant, gptq, source)
     each_part = quantizes_each_part(quant, gptq, device)
@@ -80,6 +80,8 @@ def prepare(
         put_gptq_weights(model, gptq)
     if not each_part:
         quantize(model, quant, result)
+    if isinstance(quant, ProgramQuant):
+        use_kv_quantization(model, quant.kv_fake_quant())  # the eager model computes the program's int8 Q/K/V
     model.spinquant = Prepared(spec, rotations, quant, result)
     return model
 

@@ -33,8 +33,10 @@ class QuantConfig:
     a_clip: float = 1.0
     k_bits: int = 16
     v_bits: int = 16
-    kv_group: int = 64
+    q_bits: int = 16  # queries, quantized as keys are (the program's int8 SDPA takes int8 queries)
+    kv_group: int = 64  # 0: a whole head
     kv_sym: bool = False
+    r3: bool = True  # where K/V are quantized, queries and keys are turned by an online Hadamard after RoPE
     w_scale_dtype: str = "fp32"  # of group-wise weight scales; "bf16" as the export stores them (per-channel stay fp32)
     lm_head_bits: int = 16  # lm_head's weight, symmetric in groups of lm_head_group; its input at a_bits
     lm_head_group: int = 0
@@ -43,6 +45,10 @@ class QuantConfig:
     @property
     def quantizes_kv(self) -> bool:
         return self.k_bits < 16 or self.v_bits < 16
+
+    @property
+    def online_r3(self) -> bool:
+        return self.quantizes_kv and self.r3
 
     @property
     def lm_head(self) -> bool:
@@ -59,6 +65,9 @@ SETTINGS = {
     # What `python -m export.to_pte` writes by default: 8da4w g32 with bf16 scales, 8da8w lm_head, 8-bit embedding.
     "w4a8-export": QuantConfig(w_bits=4, a_bits=8, w_scale_dtype="bf16", lm_head_bits=8, embedding_bits=8),
 }
+# The program's int8 KV cache (export/kv_cache.py): queries, keys and values asymmetric int8, one scale per token and head.
+PROGRAM_INT8_KV = dict(q_bits=8, k_bits=8, v_bits=8, kv_group=0, kv_sym=False)
+SETTINGS["w4a8-export-kv8"] = dataclasses.replace(SETTINGS["w4a8-export"], **PROGRAM_INT8_KV)
 
 
 def setting(name: str, **overrides) -> QuantConfig:
@@ -188,13 +197,13 @@ def quantize_input_hook(bits: int, symmetric: bool, clip: float):
 
 
 def use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig, ste: bool = False) -> None:
-    """K/V fake quantization after RoPE (spinquant.attention applies it), groups of kv_group within a head."""
+    """Q/K/V fake quantization after RoPE and R3 (spinquant.attention applies it), groups of kv_group within a head."""
     if not qc.quantizes_kv:
         return
     group = min(qc.kv_group, head_dim(model.config))
     for layer in model.model.layers:
-        layer.self_attn.quantize_key = activation_quantizer(qc.k_bits, group, qc.kv_sym, ste=ste)
-        layer.self_attn.quantize_value = activation_quantizer(qc.v_bits, group, qc.kv_sym, ste=ste)
+        for name, bits in (("query", qc.q_bits), ("key", qc.k_bits), ("value", qc.v_bits)):
+            setattr(layer.self_attn, f"quantize_{name}", activation_quantizer(bits, group, qc.kv_sym, ste=ste))
     use_spinquant_attention(model)
 
 

@@ -144,10 +144,11 @@ def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> L
 
 
 def _use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig) -> None:
-    """K/V fake quantization after RoPE, with the online R3 Hadamard on q/k, as the evaluation does."""
+    """K/V fake quantization after RoPE, with the online R3 Hadamard on q/k unless qc.r3 is off, as the evaluation does."""
     if not qc.quantizes_kv:
         return
-    hadamard.factor_size(head_dim(model.config))
+    if qc.online_r3:
+        hadamard.factor_size(head_dim(model.config))
     for layer in model.model.layers:
-        layer.self_attn.online_r3 = True
+        layer.self_attn.online_r3 = qc.online_r3
     use_kv_quantization(model, qc, ste=True)

@@ -62,6 +62,9 @@ def rotations_for(spec: str, config: LlamaConfig, seed: int = 0, r3: bool = Fals
         return Rotations(r4=True)  # torchao's default: R4 alone
     gen = torch.Generator().manual_seed(seed)
     head = head_dim(config)
+    if r3 and not hadamard.is_supported_size(head):
+        raise UserError(f"R3 turns each query and key head by a Hadamard matrix, and this model's head dimension {head} has none "
+                        f"(sizes K·2^m, K in {hadamard.SUPPORTED_K}): quantize K/V without R3 (--no-r3)")
     if spec == "hadamard":
         draw = hadamard.random_hadamard_matrix
     elif spec == "orthogonal":

@@ -17,11 +17,13 @@ from transformers import LlamaForCausalLM
 
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQResult, QuantizedWeight
+from spinquant.quant import PROGRAM_INT8_KV, QuantConfig
 from spinquant.rotation import untie_embeddings
 
 QLINEAR = ("8da4w", "8da8w", "4w", "none")
 QEMBEDDING = ("8w", "4w", "none")
 LM_HEAD = ("8da8w", "8da4w", "8w", "none")
+KV_CACHES = ("fp32", "int8")  # what ExecuTorch's KV-cache and SDPA ops run (export/kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,26 @@ class ProgramQuant:
     group_size: int = 32
     qembedding: str = "8w"
     lm_head: str = "8da8w"
+    kv_cache: str = "fp32"  # or "int8": export/kv_cache.py
+    r3: bool = True  # with an int8 KV cache, queries and keys turned by the online Hadamard after RoPE
 
-    quantizes_kv = False  # the program's KV cache is float
+    @property
+    def quantizes_kv(self) -> bool:
+        return self.kv_cache != "fp32"
+
+    @property
+    def online_r3(self) -> bool:
+        return self.quantizes_kv and self.r3
+
+    def kv_fake_quant(self) -> QuantConfig:
+        """The program's Q/K/V quantization as fake quantization: what the eager model computes beside it."""
+        return QuantConfig(**PROGRAM_INT8_KV, r3=self.r3) if self.quantizes_kv else QuantConfig()
 
     @classmethod
     def of(cls, options: dict) -> "ProgramQuant":
-        """From the export's options (ExportOptions, or the record in an export_report.json), which use these names."""
-        return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls)})
+        """From the export's options (ExportOptions, or the record in an export_report.json, where a report made
+        before an option existed has its default), which use these names."""
+        return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options})
 
     def check_takes_gptq(self) -> None:
         if self.qlinear != "8da4w":

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SAMPLE_TEXT
 from export.to_pte import main as export_main
 from spinquant.eval import cli as eval_cli
 from spinquant.gptq import GPTQConfig, GPTQResult, QuantizedWeight, rotation_id
-from spinquant.models import demo_gguf_path, load_model, tiny_llama, tiny_llama_config
+from spinquant.models import demo_gguf_path, load_model, tiny_llama, tiny_llama_config, train_bpe_tokenizer
 from spinquant.rotation import apply_rotations, rotations_for
 
 REAL_ROTATION = Path(__file__).resolve().parents[1] / "spinquant" / "rotations" / "smollm2_w4a8.pt"
@@ -232,6 +233,8 @@ def test_a_gptq_file_that_does_not_fit_is_one_line(case, tiny_hf_dir, decoder_sh
     [
         (["--max-seq-len", "0"], "--max-seq-len 0 is too small; it must be at least 2"),
         (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1, not 0"),
+        (["--kv-cache", "int3"], "--kv-cache int3 is not supported; choose one of fp32, int8"),
+        (["--kv-cache", "int4"], "--kv-cache int4: ExecuTorch's runtime has no int4 KV-cache or SDPA kernels; use int8"),
         (["--max-seq-len", "4096"], "--max-seq-len 4096 is above the model's context of 256 tokens"),
         (["--group-size", "48"], "--group-size 48 is not supported"),
         (["--rotation", "hadamrd"], "unknown rotation 'hadamrd'"),
@@ -244,6 +247,16 @@ def test_bad_export_flags_are_one_line(argv, problem, tiny_hf_dir, tmp_path, cap
     assert exit_.value.code == 2
     assert problem in the_error_line(capsys, "export.to_pte")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_r3_on_a_head_dimension_without_a_hadamard_matrix_is_one_line(tmp_path, capsys):
+    """head_dim 10 = 5·2: no Hadamard matrix of that size, so R3 cannot turn the heads an int8 cache quantizes."""
+    tokenizer = train_bpe_tokenizer(SAMPLE_TEXT, 300)
+    config = tiny_llama_config(hidden=40, intermediate=128, heads=4, kv_heads=2, vocab=len(tokenizer))
+    tiny_llama(config, dtype=torch.float32).save_pretrained(tmp_path / "head10")
+    tokenizer.save_pretrained(tmp_path / "head10")
+    line = export_refuses(capsys, tmp_path / "out", "--model", str(tmp_path / "head10"), "--rotation", "hadamard", "--kv-cache", "int8")
+    assert "head dimension 10 has none" in line and "(--no-r3)" in line
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
+
+from executorch.exir._serialize._program import deserialize_pte_binary
+from executorch.exir.schema import KernelCall
 
 from export.options import ExportOptions
 from export.program import with_static_cache
@@ -218,3 +222,27 @@ def test_the_memory_plan_holds_the_last_logits_only_unless_asked_for_all(tiny_hf
     assert planned[False, 256] < logits_of_the_longest_call / 4  # activations and one position's logits
     assert planned[False, 8] < planned[False, 256]  # activations planned for 8 tokens, not 63
 
+
+
+def program_operators(pte: Path) -> list[str]:
+    """Every kernel call of forward, by operator name (delegated linears are one XNNPACK call each, not listed)."""
+    plan = deserialize_pte_binary(pte.read_bytes()).program.execution_plan[0]
+    calls = [instruction.instr_args for chain in plan.chains for instruction in chain.instructions]
+    return [plan.operators[call.op_index].name for call in calls if isinstance(call, KernelCall)]
+
+
+@pytest.mark.parametrize("r3", [True, False], ids=["r3", "no-r3"])
+def test_an_int8_kv_cache_computes_its_fake_quantization(tiny_hf_dir, tmp_path, r3):
+    """The eager model quantizes queries, keys and values as the program's int8 cache and SDPA do (per token and head,
+    asymmetric), after R3's Hadamard when it is on: the logits agree to float rounding. Float linears: the
+    quantized ones' last-bit differences between XNNPACK and torchao can move an int8 key at a rounding tie
+    (0.007 of logits near 1 here), which the export's own check (a KL bound) allows for."""
+    opts = ExportOptions(model=str(tiny_hf_dir), rotation="hadamard", qlinear="none", qembedding="none", lm_head="none",
+                         max_seq_len=32, kv_cache="int8", r3=r3, output_dir=tmp_path)
+    report = run(opts.check())
+    assert_program_matches_eager(opts, steps=4, tol=1e-5)
+    layers, kv_heads, head_dim = 2, 2, 16
+    assert report["kv_cache_bytes"] == layers * 2 * 32 * kv_heads * (head_dim + 4 + 1)  # int8 values, float32 scale, int8 zero point
+    operators = program_operators(tmp_path / "model.pte")
+    assert operators.count("llama::custom_quantized_sdpa") == layers and "llama::custom_sdpa" not in operators
+    assert operators.count("spinquant::hadamard_transform") == layers * (2 if r3 else 1)  # R4 on down_proj, R3 on q and k together

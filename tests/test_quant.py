@@ -6,7 +6,8 @@ from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeig
 
 from spinquant.errors import UserError
 from spinquant.models import tiny_llama, tiny_llama_config
-from spinquant.quant import fake_quantize, fake_quantize_weight_mse, quantize_model, setting
+from spinquant.pipeline import prepare
+from spinquant.quant import QuantConfig, fake_quantize, fake_quantize_weight_mse, quantize_model, setting
 
 
 def outlier_input(rows=7, n=1536, seed=0):
@@ -110,3 +111,21 @@ def test_export_setting_matches_the_torchao_model_the_export_lowers():
         expected, ours, other = torchao(ids).logits, fake(ids).logits, decoder_only(ids).logits
     assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert (other - expected).abs().max() > 1e-2 * expected.abs().max()  # the embedding and lm_head settings matter
+
+
+def test_r3_spreads_an_outlier_key_channel_before_low_bit_keys():
+    """Keys with one large channel per head: int4 keys quantized per head lose the other channels, unless R3's
+    Hadamard spreads the outlier over all of them first (q·kᵀ is unchanged by it in float)."""
+    model = tiny_llama(tiny_llama_config(hidden=64, heads=4, kv_heads=2), dtype=torch.float32)
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.weight.data[::16] *= 40  # channel 0 of each 16-wide key head
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        errors = {}
+        for r3 in (True, False):
+            qc = QuantConfig(k_bits=4, kv_group=0, r3=r3)
+            quantized = prepare(copy.deepcopy(model), "hadamard", qc)
+            errors[r3] = (quantized(ids).logits - reference).abs().mean().item()
+        assert prepare(copy.deepcopy(model), "hadamard", QuantConfig(r3=True)).spinquant.rotations.r3 is False  # float K/V: no R3
+    assert errors[True] < errors[False] / 2

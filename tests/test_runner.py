@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,20 +25,21 @@ HAS_TOKENIZER_HEADERS = all(
 needs_tokenizer_headers = pytest.mark.skipif(not HAS_TOKENIZER_HEADERS, reason="needs libre2-dev and nlohmann-json3-dev (apt)")
 
 
-@pytest.fixture(scope="module")
-def program_dir(tiny_hf_dir, tmp_path_factory):
-    """The tiny model exported with the online Hadamard (r4), as a user's output directory; calls of at most 4 tokens,
-    so that every runner prefills the test prompts in chunks."""
-    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", max_seq_len=32, prefill_chunk=4, output_dir=tmp_path_factory.mktemp("pte"))
+@pytest.fixture(scope="module", params=[dict(rotation="r4"), dict(rotation="hadamard", kv_cache="int8")], ids=["fp32-kv", "int8-kv-r3"])
+def program_dir(request, tiny_hf_dir, tmp_path_factory):
+    """The tiny model exported with the online Hadamard (r4), and with an int8 KV cache and R3, as a user's output
+    directory; calls of at most 4 tokens, so that every runner prefills the test prompts in chunks."""
+    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, prefill_chunk=4, output_dir=tmp_path_factory.mktemp("pte"), **request.param)
     run(opts.check())
     return opts.output_dir
 
 
 @pytest.fixture(scope="module")
-def full_logits_program_dir(tiny_hf_dir, tmp_path_factory):
+def full_logits_program_dir(program_dir, tmp_path_factory):
     """The same program with every position's logits, as perplexity and runner.compare need."""
-    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", max_seq_len=32, full_logits=True,
-                         output_dir=tmp_path_factory.mktemp("pte-full"))
+    options = json.loads((program_dir / "export_report.json").read_text())["options"]
+    opts = ExportOptions(**{**options, "full_logits": True, "prefill_chunk": ExportOptions.prefill_chunk,
+                            "output_dir": tmp_path_factory.mktemp("pte-full")})
     run(opts.check())
     return opts.output_dir
 

@@ -22,6 +22,7 @@ import os
 import shlex
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -83,6 +84,23 @@ def prompt_text(tokenizer_dir: Path, n: int) -> tuple[str, list[int]]:
     return text, ids
 
 
+def forward_instructions(pte: Path) -> Counter:
+    """What one call of the program's forward executes, by kind: each runtime kernel by operator name, each
+    call into the XNNPACK delegate as one. Read from the program itself, so it holds on a busy machine too."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    plan = next(p for p in getattr(program, "program", program).execution_plan if p.name == "forward")
+    names = [f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators]
+    kinds = Counter()
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            args = instruction.instr_args
+            kind = type(args).__name__
+            kinds[names[args.op_index] if kind == "KernelCall" else f"{plan.delegates[args.delegate_index].id} call" if kind == "DelegateCall" else kind] += 1
+    return kinds
+
+
 def run_rounds(args: argparse.Namespace, programs: list[dict], text: str, ids: list[int]) -> list[dict]:
     """Every program at every thread count, once per round; round r starts with program r."""
     results = []
@@ -140,7 +158,17 @@ def ratio_lines(rows: list[dict], quotients: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(command: str, meta: dict, rows: list[dict], quotients: list[dict]) -> str:
+def instructions_table(programs: list[dict], instructions: dict[str, Counter]) -> list[str]:
+    """Per program, what one forward call executes: where the time between XNNPACK's GEMMs goes."""
+    kinds = sorted({k for c in instructions.values() for k in c}, key=lambda k: -max(c[k] for c in instructions.values()))
+    lines = ["| instruction | " + " | ".join(p["id"] for p in programs) + " |", "|---" * (len(programs) + 1) + "|",
+             "| all | " + " | ".join(str(sum(instructions[p["id"]].values())) for p in programs) + " |"]
+    for kind in kinds:
+        lines.append(f"| {kind} | " + " | ".join(str(instructions[p["id"]][kind]) for p in programs) + " |")
+    return lines
+
+
+def markdown(command: str, meta: dict, programs: list[dict], rows: list[dict], quotients: list[dict], instructions: dict[str, Counter]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in meta["libraries"].items())
     made = meta["optimum"]
     lines = [
@@ -165,6 +193,14 @@ def markdown(command: str, meta: dict, rows: list[dict], quotients: list[dict]) 
         "Ours over optimum's (issue 19's bar: decode ≥ 1.1×, prefill ≥ 1.0× at every thread count):",
         "",
         *ratio_lines(rows, quotients),
+        "",
+        "## What one forward call executes",
+        "",
+        "Read from each program (the same for a prefill and a decode call): the runtime's kernel calls by operator, and each "
+        "call into the XNNPACK delegate (all of its operators inside, GEMMs and all) as one. Ids: "
+        + "; ".join(f"`{p['id']}` {p['label']}" for p in programs) + ".",
+        "",
+        *instructions_table(programs, instructions),
     ]
     return "\n".join(lines) + "\n"
 
@@ -176,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = [our_program("ours", args.pte, None), our_program("ours_lm_head_4bit", args.pte_lm_head_4bit, "8da4w")]
     theirs, made = optimum_program(args.optimum, json.loads((args.pte / "export_report.json").read_text())["options"]["model"])
     programs = [*ours, theirs]
+    instructions = {p["id"]: forward_instructions(Path(p["path"])) for p in programs}
     text, ids = prompt_text(args.pte, args.prompt_tokens)
     results = run_rounds(args, programs, text, ids)
     rows = pooled(programs, results, args.threads)
@@ -183,9 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(cpu=cpu_text(), cores=os.cpu_count(), load_start=load_start, load_end=os.getloadavg()[0], libraries=libraries(),
                 optimum=made, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                 repeats=args.repeats, warmup=args.warmup)
-    text_md = markdown(command, meta, rows, quotients)
+    text_md = markdown(command, meta, programs, rows, quotients, instructions)
     write_atomic(args.output, text_md.encode())
-    write_json_atomic(args.output.with_suffix(".json"), dict(command=command, **meta, prompt_text=text, rows=rows, ratios=quotients, processes=results))
+    write_json_atomic(args.output.with_suffix(".json"), dict(command=command, **meta, prompt_text=text, rows=rows, ratios=quotients,
+                                                             instructions=instructions, processes=results))
     print(text_md)
 
 

@@ -15,6 +15,7 @@ Writes results/lm_head_4bit.json (resumable: rows already there are kept) and re
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,9 @@ def markdown(results: dict, command: str) -> str:
         change = f"{r['pte_perplexity'] / base['pte_perplexity'] - 1:+.2%}" if base and base is not r else "—"
         lines.append(f"| {name} | {r['pte_perplexity']:.2f} | {change} | {r['pte_mib']:.1f} | {r['lm_head_mb']:.1f} | "
                      f"{r['verify']['mean_kl']:.3g}, {r['verify']['top1_agreement']:.0%} |")
+    missing = [n for n in ROWS if n not in rows]
+    if missing:
+        lines += ["", f"Not measured yet: {', '.join(missing)} (the command above with `--rows` naming them adds them)."]
     return "\n".join(lines) + "\n"
 
 
@@ -106,6 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which programs to measure (default all)")
     p.add_argument("--work-dir", type=Path, default=Path("out/lm_head"))
     p.add_argument("--output", type=Path, default=Path("results/lm_head_4bit"))
     args = p.parse_args()
@@ -114,17 +119,16 @@ def main() -> None:
     results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
     results.update(text=os.path.relpath(args.text), text_sha256=text_sha256(text), max_windows=args.max_windows,
                    environment=environment_line())
-    command = ("python scripts/lm_head_table.py " + " ".join(sys.argv[1:])).strip()
+    command = shlex.join(["python", "scripts/lm_head_table.py", *sys.argv[1:]])
     gptq_file = args.work_dir / "gptq.pt"
-    for name, (lm_head, gptq) in ROWS.items():
-        if name in results["rows"]:
-            continue
+    for name in (n for n in args.rows if n not in results["rows"]):
+        lm_head, gptq = ROWS[name]
         if gptq and not gptq_file.is_file():
             results["gptq"] = make_gptq_file(gptq_file)
         results["rows"][name] = measure(lm_head, gptq_file if gptq else None, args.work_dir / name.replace(", ", "_").replace(" ", "_"), text, args.max_windows)
         print(f"{name}: .pte perplexity {results['rows'][name]['pte_perplexity']:.3f}", file=sys.stderr, flush=True)
         write_json_atomic(json_path, results)
-        write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())
+    write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())
 
 
 if __name__ == "__main__":

@@ -184,8 +184,8 @@ def markdown(command: str, meta: dict, programs: list[dict], rows: list[dict], q
         "",
         f"Each program driven by ExecuTorch's TextLLMRunner in a process of its own: a {meta['prompt_tokens']}-token prompt, then "
         f"{meta['new_tokens']} greedy tokens; prefill = prompt in → first token, decode = the later tokens, by the runner's own "
-        f"clock. {meta['rounds']} rounds alternating the programs (each round starts with the next one), {meta['repeats']} timed "
-        f"runs per round after {meta['warmup']} warm-up run(s); medians over every round's runs. Threads: ExecuTorch's threadpool "
+        f"clock. Rounds: {meta['rounds']}, alternating the programs (each round starts with the next one); timed runs per program "
+        f"and round: {meta['repeats']}, after {meta['warmup']} warm-up run(s) in each process; medians over every round's runs. Threads: ExecuTorch's threadpool "
         "(`portable_lib._unsafe_reset_threadpool`, which the runner's XNNPACK uses).",
         "",
         *table(rows),

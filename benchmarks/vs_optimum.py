@@ -13,11 +13,14 @@ runner's own clock (prompt in → first token; the later tokens), as its printed
 The runner rather than our Python loop (decode_speed.py's): it is what an app runs, and it leaves no
 Python between two decode steps. Rounds alternate the programs, each round starting with the next
 one, so that a drift of the machine's speed falls on every program alike; the medians pool every
-round's runs. Writes results/vs_optimum.md and results/vs_optimum.json.
+round's runs. Beside the speeds, read from each .pte: what one forward call executes (kernel calls by
+operator, XNNPACK delegate calls) and the logits it returns. Writes results/vs_optimum.md and
+results/vs_optimum.json.
 """
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -84,13 +87,17 @@ def prompt_text(tokenizer_dir: Path, n: int) -> tuple[str, list[int]]:
     return text, ids
 
 
-def forward_instructions(pte: Path) -> Counter:
-    """What one call of the program's forward executes, by kind: each runtime kernel by operator name, each
-    call into the XNNPACK delegate as one. Read from the program itself, so it holds on a busy machine too."""
+def forward_plan(pte: Path):
+    """The program's forward as the .pte holds it (its instructions, values, operators)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     program = deserialize_pte_binary(pte.read_bytes())
-    plan = next(p for p in getattr(program, "program", program).execution_plan if p.name == "forward")
+    return next(p for p in getattr(program, "program", program).execution_plan if p.name == "forward")
+
+
+def forward_instructions(plan) -> Counter:
+    """What one call of forward executes, by kind: each runtime kernel by operator name, each call into the
+    XNNPACK delegate as one. Read from the program itself, so it holds on a busy machine too."""
     names = [f"{op.name}.{op.overload}" if op.overload else op.name for op in plan.operators]
     kinds = Counter()
     for chain in plan.chains:
@@ -99,6 +106,12 @@ def forward_instructions(pte: Path) -> Counter:
             kind = type(args).__name__
             kinds[names[args.op_index] if kind == "KernelCall" else f"{plan.delegates[args.delegate_index].id} call" if kind == "DelegateCall" else kind] += 1
     return kinds
+
+
+def logits_shape(plan) -> list[int]:
+    """forward's output as planned: [1, 1, vocab] for the last position's logits, [1, longest call, vocab] for
+    every position's (then a prefill runs the lm_head at every prompt position, and the plan holds them all)."""
+    return list(plan.values[plan.outputs[0]].val.sizes)
 
 
 def run_rounds(args: argparse.Namespace, programs: list[dict], text: str, ids: list[int]) -> list[dict]:
@@ -158,17 +171,19 @@ def ratio_lines(rows: list[dict], quotients: list[dict]) -> list[str]:
     return lines
 
 
-def instructions_table(programs: list[dict], instructions: dict[str, Counter]) -> list[str]:
-    """Per program, what one forward call executes: where the time between XNNPACK's GEMMs goes."""
+def instructions_table(programs: list[dict], instructions: dict[str, Counter], logits: dict[str, list[int]]) -> list[str]:
+    """Per program, what one forward call executes (where the time between XNNPACK's GEMMs goes), and the logits it returns."""
     kinds = sorted({k for c in instructions.values() for k in c}, key=lambda k: -max(c[k] for c in instructions.values()))
     lines = ["| instruction | " + " | ".join(p["id"] for p in programs) + " |", "|---" * (len(programs) + 1) + "|",
-             "| all | " + " | ".join(str(sum(instructions[p["id"]].values())) for p in programs) + " |"]
+             "| logits returned (planned float32 MB) | " + " | ".join(f"{logits[p['id']]} ({4 * math.prod(logits[p['id']]) / 1e6:.1f})" for p in programs) + " |",
+             "| all instructions | " + " | ".join(str(sum(instructions[p["id"]].values())) for p in programs) + " |"]
     for kind in kinds:
         lines.append(f"| {kind} | " + " | ".join(str(instructions[p["id"]][kind]) for p in programs) + " |")
     return lines
 
 
-def markdown(command: str, meta: dict, programs: list[dict], rows: list[dict], quotients: list[dict], instructions: dict[str, Counter]) -> str:
+def markdown(command: str, meta: dict, programs: list[dict], rows: list[dict], quotients: list[dict],
+             instructions: dict[str, Counter], logits: dict[str, list[int]]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in meta["libraries"].items())
     made = meta["optimum"]
     lines = [
@@ -200,7 +215,7 @@ def markdown(command: str, meta: dict, programs: list[dict], rows: list[dict], q
         "call into the XNNPACK delegate (all of its operators inside, GEMMs and all) as one. Ids: "
         + "; ".join(f"`{p['id']}` {p['label']}" for p in programs) + ".",
         "",
-        *instructions_table(programs, instructions),
+        *instructions_table(programs, instructions, logits),
     ]
     return "\n".join(lines) + "\n"
 
@@ -212,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     ours = [our_program("ours", args.pte, None), our_program("ours_lm_head_4bit", args.pte_lm_head_4bit, "8da4w")]
     theirs, made = optimum_program(args.optimum, json.loads((args.pte / "export_report.json").read_text())["options"]["model"])
     programs = [*ours, theirs]
-    instructions = {p["id"]: forward_instructions(Path(p["path"])) for p in programs}
+    plans = {p["id"]: forward_plan(Path(p["path"])) for p in programs}
+    instructions = {i: forward_instructions(plan) for i, plan in plans.items()}
+    logits = {i: logits_shape(plan) for i, plan in plans.items()}
     text, ids = prompt_text(args.pte, args.prompt_tokens)
     results = run_rounds(args, programs, text, ids)
     rows = pooled(programs, results, args.threads)
@@ -220,10 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(cpu=cpu_text(), cores=os.cpu_count(), load_start=load_start, load_end=os.getloadavg()[0], libraries=libraries(),
                 optimum=made, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, rounds=args.rounds,
                 repeats=args.repeats, warmup=args.warmup)
-    text_md = markdown(command, meta, programs, rows, quotients, instructions)
+    text_md = markdown(command, meta, programs, rows, quotients, instructions, logits)
     write_atomic(args.output, text_md.encode())
     write_json_atomic(args.output.with_suffix(".json"), dict(command=command, **meta, prompt_text=text, rows=rows, ratios=quotients,
-                                                             instructions=instructions, processes=results))
+                                                             instructions=instructions, logits_shapes=logits, processes=results))
     print(text_md)
 
 

@@ -2,10 +2,12 @@
 
     python benchmarks/decode_engines.py SPEC.json RESULT.json
 
-benchmarks/decode_speed.py starts one such process per engine and thread count, so that each
-one's peak RSS and thread settings are its own. Every engine sits behind the interface that
-runner.generate's generate() drives (metadata, prefill, forward), so all of them are timed
-by the same loop: prefill = prompt in → first token chosen; decode = each later token.
+benchmarks/decode_speed.py and benchmarks/vs_optimum.py start one such process per engine and
+thread count, so that each one's peak RSS and thread settings are its own. Every engine but one
+sits behind the interface that runner.generate's generate() drives (metadata, prefill, forward),
+so all of them are timed by the same loop: prefill = prompt in → first token chosen; decode = each
+later token. The exception, `text_llm_runner`, is ExecuTorch's own C++ TextLLMRunner on a .pte,
+timed by its own clock over the same two spans.
 """
 
 import json
@@ -14,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -159,17 +162,63 @@ def thread_use(before: dict[int, int], after: dict[int, int], wall_s: float) -> 
     return dict(thread_cpu_s=[u / ticks_per_s for u in used if u > 0], cores_busy=sum(used) / ticks_per_s / wall_s)
 
 
+def text_llm_runner(spec: dict) -> tuple[object, dict]:
+    """ExecuTorch's TextLLMRunner (what its Android and iOS demo apps run) on `spec['path']`."""
+    from executorch.extension.llm.runner import _llm_runner
+    from executorch.extension.pybindings import portable_lib
+
+    from runner.pte import load_runtime_kernels
+
+    portable_lib._unsafe_reset_threadpool(spec["threads"])  # the runner's XNNPACK shares the bindings' threadpool
+    load_runtime_kernels()
+    runner = _llm_runner.TextLLMRunner(spec["path"], spec["tokenizer"])
+    return runner, {"threads_in_effect": portable_lib._threadpool_get_thread_count()}
+
+
+def runner_generate(runner, spec: dict) -> tuple[str, GenerationStats]:
+    """One greedy generation from position 0, timed by the runner's own millisecond clock as its report
+    counts: prefill = prompt text in → first token chosen, decode = the later tokens over the rest."""
+    from executorch.extension.llm.runner._llm_runner import GenerationConfig
+
+    stats, pieces = {}, []
+
+    def keep(s) -> None:  # the Stats object is the runner's own: read it before generate() returns
+        stats.update(prompt=s.num_prompt_tokens, later=s.num_generated_tokens, start=s.inference_start_ms,
+                     prefilled=s.prompt_eval_end_ms, end=s.inference_end_ms)
+
+    runner.reset()  # otherwise the next generate() continues this one's KV cache
+    config = GenerationConfig(echo=False, max_new_tokens=spec["new_tokens"], temperature=0.0)
+    runner.generate(spec["prompt_text"], config, token_callback=pieces.append, stats_callback=keep)
+    # The runner stops at an end token and takes no ids: a run that did not read the prompt as these
+    # ids or stopped early is not the run asked for.
+    if stats["prompt"] != len(spec["prompt_ids"]) or stats["later"] != spec["new_tokens"] - 1:
+        raise ValueError(f"TextLLMRunner read {stats['prompt']} prompt tokens and generated {stats['later'] + 1}; "
+                         f"asked for {len(spec['prompt_ids'])} and {spec['new_tokens']}")
+    prefill_s, decode_s = (stats["prefilled"] - stats["start"]) / 1000, (stats["end"] - stats["prefilled"]) / 1000
+    return "".join(pieces), GenerationStats(prompt_tokens=stats["prompt"], new_tokens=stats["later"] + 1, time_to_first_token_s=prefill_s,
+                                            prefill_tokens_per_s=stats["prompt"] / prefill_s, decode_tokens_per_s=stats["later"] / decode_s)
+
+
+def generation(spec: dict) -> tuple[Callable[[], tuple[list[int] | str, GenerationStats]], dict]:
+    """One timed generation of the engine (what it generated, its stats), and what the engine reports."""
+    if spec["engine"] == "text_llm_runner":
+        runner, info = text_llm_runner(spec)
+        return lambda: runner_generate(runner, spec), info
+    engine, info = load_engine(spec)
+    program = FixedLength(engine)
+    return lambda: generate(program, spec["prompt_ids"], spec["new_tokens"]), info
+
+
 def measure(spec: dict) -> dict:
     """Warm-up runs, then `repeats` timed runs: medians and every run's numbers."""
     before_load = rss_mb()
-    engine, info = load_engine(spec)
-    program = FixedLength(engine)
+    run_once, info = generation(spec)
     for _ in range(spec["warmup"]):
-        generate(program, spec["prompt_ids"], spec["new_tokens"])
+        run_once()
     runs: list[GenerationStats] = []
     before, start = thread_cpu_ticks(), time.perf_counter()
     for _ in range(spec["repeats"]):
-        new, stats = generate(program, spec["prompt_ids"], spec["new_tokens"])
+        new, stats = run_once()
         runs.append(stats)
     use = thread_use(before, thread_cpu_ticks(), time.perf_counter() - start)
     return dict(
@@ -178,7 +227,7 @@ def measure(spec: dict) -> dict:
         decode_tokens_per_s=statistics.median(r.decode_tokens_per_s for r in runs),
         **use,
         runs=[vars(r) for r in runs],
-        generated_ids=new,
+        generated=new,  # token ids (our loop) or text (TextLLMRunner)
         rss_before_load_mb=round(before_load),
         peak_rss_mb=round(peak_rss_mb()),
     )

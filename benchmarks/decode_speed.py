@@ -62,11 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_export(directory: Path, rotation: str | None) -> dict:
+def ensure_export(directory: Path, rotation: str | None, lm_head: str | None = None) -> dict:
     """The export's report; exported first when the directory has no program. `rotation` None: the
-    default export (the model's default rotation); otherwise an export with this rotation."""
+    default export (the model's default rotation); otherwise an export with this rotation. `lm_head`
+    None: the default lm_head; otherwise an export with `--lm-head lm_head`."""
     if not (directory / "model.pte").is_file():
-        extra = ["--rotation", rotation] if rotation else []
+        extra = (["--rotation", rotation] if rotation else []) + (["--lm-head", lm_head] if lm_head else [])
         subprocess.run([sys.executable, "-m", "export.to_pte", "--output-dir", str(directory), *extra], cwd=ROOT, check=True)
     report = json.loads((directory / "export_report.json").read_text())
     options = report["options"]
@@ -75,6 +76,8 @@ def ensure_export(directory: Path, rotation: str | None) -> dict:
     wanted = rotation or default_rotation(options["model"])
     if Path(options["rotation"]).name != Path(wanted).name:  # a rotation file's directory depends on the checkout
         sys.exit(f"{directory} was exported with --rotation {options['rotation']}, not {wanted}")
+    if lm_head and options["lm_head"] != lm_head:
+        sys.exit(f"{directory} was exported with --lm-head {options['lm_head']}, not {lm_head}")
     return report
 
 

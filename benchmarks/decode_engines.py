@@ -6,11 +6,14 @@ benchmarks/decode_speed.py starts one such process per engine and thread count, 
 one's peak RSS and thread settings are its own. Every engine sits behind the interface that
 runner.generate's generate() drives (metadata, prefill, forward), so all of them are timed
 by the same loop: prefill = prompt in → first token chosen; decode = each later token.
+
+Memory: the engine's libraries are imported before the model loads, so that "RSS before loading"
+is the process with the runtime in it and what the load adds is the model's; the peak is taken
+twice, while loading and while generating (Linux's high-water mark is reset in between).
 """
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -91,6 +94,18 @@ class LlamaCpp:
         return torch.tensor(logits).view(1, 1, -1)  # a copy: llama.cpp reuses its buffer
 
 
+def import_engine(engine: str) -> None:
+    """The engine's libraries, and for our programs the kernels they need: the runtime, not the model."""
+    if engine == "pte":
+        from runner.pte import load_runtime_kernels
+
+        load_runtime_kernels()
+    elif engine == "hf":
+        import transformers  # noqa: F401
+    elif engine == "llamacpp":
+        import llama_cpp  # noqa: F401
+
+
 def load_engine(spec: dict) -> tuple[object, dict]:
     """The engine with `spec['threads']` threads, and what it reports about itself."""
     threads = spec["threads"]
@@ -137,8 +152,27 @@ def rss_mb() -> float:
     return kib / 1024
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def reset_peak_rss() -> None:
+    """Linux's high-water mark of this process's RSS (VmHWM, and ru_maxrss with it) back to its RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def memory_now(model_file: Path) -> dict:
+    """RSS now and its peak since the last reset, and how much of the RSS is anonymous memory (heap: the
+    memory plan, XNNPACK's packed weights, llama.cpp's buffers) and pages of the model's file mapped in."""
+    mb = {"rss": 0, "anon": 0, "model_file": 0}
+    mapped = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's first line: address range, ..., and its file, if any
+            mapped = " ".join(fields[5:]) or None
+        elif fields[0] in ("Rss:", "Anonymous:"):
+            mb["rss" if fields[0] == "Rss:" else "anon"] += int(fields[1]) / 1024
+            if fields[0] == "Rss:" and mapped == str(model_file):
+                mb["model_file"] += int(fields[1]) / 1024
+    with open("/proc/self/status") as f:
+        mb["peak"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return {f"{key}_mb": round(value, 1) for key, value in mb.items()}
 
 
 def thread_cpu_ticks() -> dict[int, int]:
@@ -160,9 +194,16 @@ def thread_use(before: dict[int, int], after: dict[int, int], wall_s: float) -> 
 
 
 def measure(spec: dict) -> dict:
-    """Warm-up runs, then `repeats` timed runs: medians and every run's numbers."""
-    before_load = rss_mb()
+    """Warm-up runs, then `repeats` timed runs: medians and every run's numbers; memory before and after
+    loading and after generating (with the peak of each phase)."""
+    at_start = rss_mb()
+    import_engine(spec["engine"])
+    model_file = Path(spec["path"]).resolve()
+    before_load = memory_now(model_file)
+    reset_peak_rss()
     engine, info = load_engine(spec)
+    after_load = memory_now(model_file)
+    reset_peak_rss()
     program = FixedLength(engine)
     for _ in range(spec["warmup"]):
         generate(program, spec["prompt_ids"], spec["new_tokens"])
@@ -172,6 +213,7 @@ def measure(spec: dict) -> dict:
         new, stats = generate(program, spec["prompt_ids"], spec["new_tokens"])
         runs.append(stats)
     use = thread_use(before, thread_cpu_ticks(), time.perf_counter() - start)
+    after_generating = memory_now(model_file)
     return dict(
         **info,
         prefill_tokens_per_s=statistics.median(r.prefill_tokens_per_s for r in runs),
@@ -179,8 +221,10 @@ def measure(spec: dict) -> dict:
         **use,
         runs=[vars(r) for r in runs],
         generated_ids=new,
-        rss_before_load_mb=round(before_load),
-        peak_rss_mb=round(peak_rss_mb()),
+        rss_at_start_mb=round(at_start),
+        rss_before_load_mb=round(before_load["rss_mb"]),
+        peak_rss_mb=round(max(after_load["peak_mb"], after_generating["peak_mb"])),
+        memory=dict(before_load=before_load, after_load=after_load, after_generating=after_generating),
     )
 
 

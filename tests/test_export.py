@@ -5,7 +5,8 @@ import torch
 from transformers import AutoTokenizer
 
 from export.options import ExportOptions
-from export.program import with_static_cache
+from export.exportable_llama import ExportableLlama
+from export.program import delegate_linears, emit_program, export_program, memory_plan_parts, planned_memory_bytes, with_static_cache
 from export.to_pte import main, parse_args, run
 from export.verify import check_agreement, compare_with_reference, eager_reference
 from runner.pte import PteProgram
@@ -48,6 +49,7 @@ def test_default_export_matches_eager_and_reports(default_export):
     saved = json.loads((opts.output_dir / "export_report.json").read_text())
     assert saved["options"]["qlinear"] == "8da4w" and saved["rotation"]["r4_online_hadamard"]
     assert saved["pte_bytes"] == (opts.output_dir / "model.pte").stat().st_size
+    assert sum(saved["memory_plan_parts"].values()) == saved["planned_memory_bytes"]["forward"]
     assert saved["verify"]["top1_agreement"] == 1.0 and saved["verify"]["max_abs_logit_diff"] < 1e-3
     assert saved["verify"]["mean_kl"] < 1e-6 and saved["verify"]["positions"] == 9  # the prompt's last position + 8 decode steps
     assert {"torch", "executorch", "torchao"} <= set(saved["environment"])
@@ -218,3 +220,14 @@ def test_the_memory_plan_holds_the_last_logits_only_unless_asked_for_all(tiny_hf
     assert planned[False, 256] < logits_of_the_longest_call / 4  # activations and one position's logits
     assert planned[False, 8] < planned[False, 256]  # activations planned for 8 tokens, not 63
 
+
+
+def test_the_memory_plan_splits_into_kv_cache_logits_and_activations():
+    """The parts add up to the plan; the KV cache part is the cache buffers' bytes, the logits one position's."""
+    model, max_seq_len = tiny_llama(tiny_llama_config(vocab=512), dtype=torch.float32), 64
+    manager = emit_program(delegate_linears(export_program(model, max_seq_len, prefill_chunk=256), {}))
+    parts = memory_plan_parts(manager)
+    caches = [b for name, b in ExportableLlama(model, max_seq_len).named_buffers() if "cache" in name]
+    assert sum(parts.values()) == planned_memory_bytes(manager)["forward"]
+    assert parts["kv_cache"] == sum(b.nbytes for b in caches) == 2 * 2 * max_seq_len * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
+    assert parts["logits"] == 512 * 4 and parts["activations"] > 0

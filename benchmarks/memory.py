@@ -1,0 +1,183 @@
+"""Memory of the demo model while generating: our .pte beside llama.cpp, and a random model with Llama 3.2 1B's shapes.
+
+    python benchmarks/memory.py --pte out/demo --shape-pte out/llama-3.2-1b-shape
+
+Each row generates `--new-tokens` greedy tokens after a `--prompt-tokens` prompt in a process of its
+own (benchmarks/decode_engines.py, as benchmarks/decode_speed.py runs it), which records RSS before the
+model loads (the engine's libraries already in), its peak while loading and while generating, and what
+of it is heap and what pages of the model's file. For each .pte, the memory plan (export_report.json's
+memory_plan_parts: KV cache, activations, logits) and the weights the file holds, by where they are. A
+missing program is exported first: the demo by `python -m export.to_pte` (about 4 minutes on 2 cores),
+the shape from random bf16 weights (benchmarks/export_time.py's SHAPES; about 7 minutes and 5.5 GB).
+Writes results/memory.md and results/memory.json.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from executorch.exir._serialize._program import deserialize_pte_binary
+
+from decode_speed import ROOT, cpu_text, ensure_export, libraries, prompt_ids, run_worker
+from export_time import SHAPES, write_random_model
+from spinquant.files import write_atomic, write_json_atomic
+from spinquant.models import demo_gguf_path
+
+MIB = 2**20  # decode_engines.py's RSS numbers are MiB too (its `_mb` keys)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pte", type=Path, default=Path("out/demo"), help="directory of the demo's default export (exported here if it has no model.pte)")
+    p.add_argument("--gguf", type=Path, help="llama.cpp's model (default: the demo model's own GGUF file)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b-shape", help="the random model at a real model's shapes")
+    p.add_argument("--shape-pte", type=Path, default=Path("out/llama-3.2-1b-shape"), help="its default export's directory (exported here if missing)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--output", type=Path, default=Path("results/memory.md"), help="the .json goes beside it")
+    return p.parse_args(argv)
+
+
+def ensure_shape_export(directory: Path, shape: str) -> dict:
+    """The default export of random weights at `shape`'s shapes; exported first when missing."""
+    if not (directory / "model.pte").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            write_random_model(Path(tmp) / "model", SHAPES[shape])
+            subprocess.run([sys.executable, "-m", "export.to_pte", "--model", str(Path(tmp) / "model"), "--output-dir", str(directory)],
+                           cwd=ROOT, check=True)
+    return json.loads((directory / "export_report.json").read_text())
+
+
+def plan_parts(directory: Path, report: dict) -> dict[str, int]:
+    if "memory_plan_parts" not in report:
+        sys.exit(f"{directory}/export_report.json has no memory_plan_parts: it was exported before they were recorded; export it again")
+    return report["memory_plan_parts"]
+
+
+def pte_weight_bytes(pte: Path) -> dict[str, int]:
+    """The weights a .pte holds, by where they are: the constant segment (tensors ExecuTorch's own kernels read,
+    the quantized embedding among them: the runtime maps them from the file), XNNPACK's named data (the linears'
+    weights and scales, which XNNPACK packs into memory of its own when the program loads) and the delegates'
+    blobs (their graphs)."""
+    pte_file = deserialize_pte_binary(pte.read_bytes())
+    return dict(
+        constant_segment=sum(len(buffer.storage) for buffer in pte_file.program.constant_buffer),
+        xnnpack_named_data=sum(len(buffer) for buffer in pte_file.named_data.buffers) if pte_file.named_data else 0,
+        delegate_blobs=sum(len(blob.data) for blob in pte_file.program.backend_delegate_data),
+    )
+
+
+def pte_row(row_id: str, label: str, directory: Path, report: dict) -> dict:
+    return dict(id=row_id, label=label, engine="pte", path=str(directory / "model.pte"), planned_bytes=report["planned_memory_bytes"]["forward"],
+                plan_parts=plan_parts(directory, report), weights=pte_weight_bytes(directory / "model.pte"))
+
+
+def measured(row: dict, args: argparse.Namespace, prompt: list[int], context: int) -> dict:
+    """`row` generated once in its own process: what decode_engines.py records, with the differences this file reports."""
+    spec = dict(**{k: row[k] for k in ("engine", "path", "label")}, threads=args.threads, prompt_ids=prompt, new_tokens=args.new_tokens,
+                repeats=1, warmup=0, context=context)
+    result = run_worker("decode_engines.py", spec)
+    before, loaded, generated = (result["memory"][phase] for phase in ("before_load", "after_load", "after_generating"))
+    print(f"{row['label']}: the model adds {generated['peak_mb'] - before['rss_mb']:.0f} MiB while generating", file=sys.stderr)
+    return dict(
+        **row, **result,
+        libraries_mb=before["rss_mb"] - result["rss_at_start_mb"],
+        load_peak_added_mb=loaded["peak_mb"] - before["rss_mb"],
+        heap_added_by_load_mb=loaded["anon_mb"] - before["anon_mb"],
+        model_file_resident_mb=loaded["model_file_mb"],
+        generating_peak_added_mb=generated["peak_mb"] - before["rss_mb"],
+    )
+
+
+def memory_table(rows: list[dict]) -> list[str]:
+    lines = ["| engine | RSS at start MiB | the engine's libraries add MiB | RSS before loading MiB | peak while loading − before MiB | "
+             "after loading: heap added MiB | after loading: the model's file resident MiB | **memory the model adds** "
+             "(peak while generating − RSS before loading) MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['rss_at_start_mb']} | {r['libraries_mb']:.0f} | {r['memory']['before_load']['rss_mb']:.0f} | "
+                     f"{r['load_peak_added_mb']:.0f} | {r['heap_added_by_load_mb']:.0f} | {r['model_file_resident_mb']:.0f} | "
+                     f"**{r['generating_peak_added_mb']:.0f}** |")
+    return lines
+
+
+def plan_table(rows: list[dict]) -> list[str]:
+    lines = ["| program | memory plan MiB | KV cache MiB | activations MiB | logits MiB | .pte: constant segment MiB | "
+             ".pte: XNNPACK's weights (named data) MiB | .pte: delegate blobs MiB | heap the load adds beyond the plan MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, w = r["plan_parts"], r["weights"]
+        lines.append(f"| {r['label']} | {r['planned_bytes'] / MIB:.1f} | {p['kv_cache'] / MIB:.1f} | {p['activations'] / MIB:.1f} | "
+                     f"{p['logits'] / MIB:.2f} | {w['constant_segment'] / MIB:.1f} | {w['xnnpack_named_data'] / MIB:.1f} | "
+                     f"{w['delegate_blobs'] / MIB:.2f} | {r['heap_added_by_load_mb'] - r['planned_bytes'] / MIB:.0f} |")
+    return lines
+
+
+def plan_lines(rows: list[dict]) -> list[str]:
+    """The plan's parts as text, for the terminal."""
+    return [f"{r['label']}: plan {r['planned_bytes'] / MIB:.1f} MiB = " + " + ".join(f"{k} {v / MIB:.1f}" for k, v in r["plan_parts"].items())
+            + "; weights in the .pte: " + ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in r["weights"].items()) for r in rows]
+
+
+def environment_text(rows: list[dict]) -> str:
+    libs = ", ".join(f"{k} {v}" for k, v in libraries().items())
+    llama = next((r["llama_cpp"] for r in rows if "llama_cpp" in r), None)
+    return libs + (f" ({llama})" if llama else "")
+
+
+def section(title: str, command: str, rows: list[dict], pte_rows: list[dict]) -> list[str]:
+    return [f"## {title}", "", f"Command: `{command}`", "", *memory_table(rows), "", *plan_table(pte_rows)]
+
+
+def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> str:
+    lines = [
+        "# Memory while generating",
+        "",
+        f"Machine: {meta['cpu']}, {meta['cores']} cores; load average (1 min) {meta['load_start']:.2f} at the start, "
+        f"{meta['load_end']:.2f} at the end. Libraries: {meta['environment']}.",
+        "",
+        f"Each row: {meta['prompt_tokens']} prompt tokens, then {meta['new_tokens']} greedy tokens (end tokens ignored), "
+        f"{meta['threads']} thread(s), in a process of its own (benchmarks/decode_engines.py). RSS before loading is the "
+        "process with the engine's libraries imported; the heap is its anonymous memory, the model's file its mapped pages "
+        "(/proc/self/smaps); peaks are Linux's high-water mark, reset after loading so that the generating peak is its own. "
+        "Every size in MiB (2^20 bytes). The heap the load adds beyond the plan is that heap minus the plan "
+        "(XNNPACK's packed weights and the runtime's own allocations).",
+        "",
+        *section("The demo model (SmolLM2-135M-Instruct): our .pte and llama.cpp in one run", command, demo, [r for r in demo if r["engine"] == "pte"]),
+        "",
+        *section(f"A random model with {meta['shape_name']}'s shapes, 2048-token context, default export", command, shape, shape),
+    ]
+    if not any(r["engine"] == "llamacpp" for r in demo):
+        lines += ["", "llama.cpp: not measured, llama-cpp-python is not installed (`pip install -e \".[bench]\"`)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = shlex.join(["python", "benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
+    load_start = os.getloadavg()[0]
+    demo_report, shape_report = ensure_export(args.pte, None), ensure_shape_export(args.shape_pte, args.shape)
+    gguf = args.gguf or demo_gguf_path(demo_report["options"]["model"])
+    demo_rows = [pte_row("pte", f"our .pte, default export (`{args.pte}`)", args.pte, demo_report)]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        demo_rows.append(dict(id="llamacpp", label=f"llama.cpp, `{gguf.name}`", engine="llamacpp", path=str(gguf)))
+    shape_rows = [pte_row("shape_pte", f"our .pte, {SHAPES[args.shape].name} shapes (`{args.shape_pte}`)", args.shape_pte, shape_report)]
+    demo = [measured(r, args, prompt_ids(args.pte, args.prompt_tokens), demo_report["metadata"]["get_max_context_len"]) for r in demo_rows]
+    shape = [measured(r, args, prompt_ids(args.shape_pte, args.prompt_tokens), shape_report["metadata"]["get_max_context_len"]) for r in shape_rows]
+    print("\n".join(plan_lines(demo[:1] + shape)), file=sys.stderr)
+    meta = dict(cpu=cpu_text(), cores=os.cpu_count(), load_start=load_start, load_end=os.getloadavg()[0], environment=environment_text(demo),
+                shape_name=SHAPES[args.shape].name, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+    write_atomic(args.output, markdown(command, meta, demo, shape).encode())
+    write_json_atomic(args.output.with_suffix(".json"), dict(command=command, **meta, demo=demo, shape=shape))
+    print(args.output.read_text())
+
+
+if __name__ == "__main__":
+    main()

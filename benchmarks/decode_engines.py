@@ -158,8 +158,9 @@ def reset_peak_rss() -> None:
 
 
 def memory_now(model_file: Path) -> dict:
-    """RSS now and its peak since the last reset, and how much of the RSS is anonymous memory (heap: the
-    memory plan, XNNPACK's packed weights, llama.cpp's buffers) and pages of the model's file mapped in."""
+    """RSS now and its peak since the last reset; how much of the RSS is anonymous memory (heap: the memory
+    plan, XNNPACK's packed weights, llama.cpp's buffers) and pages of the model's file mapped in; and how much
+    is locked in memory (ExecuTorch's Python runtime mlock()s what it maps of a program)."""
     mb = {"rss": 0, "anon": 0, "model_file": 0}
     mapped = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
@@ -170,8 +171,8 @@ def memory_now(model_file: Path) -> dict:
             mb["rss" if fields[0] == "Rss:" else "anon"] += int(fields[1]) / 1024
             if fields[0] == "Rss:" and mapped == str(model_file):
                 mb["model_file"] += int(fields[1]) / 1024
-    with open("/proc/self/status") as f:
-        mb["peak"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    mb["peak"], mb["locked"] = (int(status[key].split()[0]) / 1024 for key in ("VmHWM", "VmLck"))  # locked: mlock()ed pages
     return {f"{key}_mb": round(value, 1) for key, value in mb.items()}
 
 

@@ -126,6 +126,41 @@ def plan_lines(rows: list[dict]) -> list[str]:
             + "; weights in the .pte: " + ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in r["weights"].items()) for r in rows]
 
 
+COPIES_SECTION = [
+    "## Are the weights held twice?",
+    "",
+    "No, once loaded; one linear's weights at a time while loading. Measured below; the mechanism, from ExecuTorch's "
+    "source (its main branch: `extension/pybindings/pybindings.cpp`, `extension/data_loader/mmap_data_loader.cpp`, "
+    "`backends/xnnpack/runtime/XNNCompiler.cpp`, `XNNPACKBackend.cpp`, `XNNWeightsCache.cpp`; the wheel here is the "
+    "version in the libraries above, and the measurements agree with it): runner/pte.py loads a program by its path "
+    "(`kernels.load_program` → `Runtime.load_program(path)` → the pybindings' `_load_program`), which maps the file with "
+    "`MmapDataLoader` and mlock()s each piece it loads (`MlockConfig::UseMlockIgnoreErrors`; here the lock succeeds: "
+    "the `locked_mb` figures in results/memory.json). The constant segment (the 8-bit embedding, the norms) stays mapped "
+    "for the program's life. XNNPACK reads each linear's weights and scales from the program's named data, packs them "
+    "into memory of its own when its delegate initialises, then frees what it read (`XNNCompiler.cpp` frees the unpacked "
+    "buffers after `xnn_create_runtime_v4`; with its weight cache on, `finalize_for_runtime` does; the delegate's blob is "
+    "freed after init), and a buffer of a mapped file is freed by unmapping it. So after loading, the file's resident "
+    "pages are its constant segment, and XNNPACK's packed copy is the only one of the linears' weights: the heap the "
+    "load adds beyond the plan is about the size of the named data. Each linear is a partition of its own, so a "
+    "linear's weights are held twice only while XNNPACK packs it: the peak while loading, above the RSS once loaded, "
+    "is about the largest linear (the lm_head, 8-bit). The pybindings have no other way to open a file (from `bytes`, "
+    "the whole file would stay in memory beside the packed weights), so runner/pte.py keeps loading by path. Our C++ "
+    "runner (runner/cpp/llm_program.cpp) opens the program with ExecuTorch's `Module::LoadMode::Mmap`: mapped without "
+    "mlock, so of the embedding only the pages of the tokens used are read in; ExecuTorch's `create_text_llm_runner` "
+    "defaults to `MmapUseMlockIgnoreErrors`, as the Python runtime does.",
+]
+
+
+def copies_text(r: dict) -> str:
+    """What the measurements say about the weights being held twice: the .pte's pages against XNNPACK's packed copy."""
+    w = r["weights"]
+    before, loaded = r["memory"]["before_load"], r["memory"]["after_load"]
+    return (f"{r['label']}: after loading, {r['model_file_resident_mb']:.1f} MiB of the file's pages are resident, against a constant "
+            f"segment of {w['constant_segment'] / MIB:.1f} MiB and {w['xnnpack_named_data'] / MIB:.1f} MiB of XNNPACK's weights in the "
+            f"file; the heap the load adds beyond the plan is {r['heap_added_by_load_mb'] - r['planned_bytes'] / MIB:.1f} MiB. "
+            f"The peak while loading is {loaded['peak_mb'] - loaded['rss_mb']:.1f} MiB above the RSS once loaded.")
+
+
 def environment_text(rows: list[dict]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in libraries().items())
     llama = next((r["llama_cpp"] for r in rows if "llama_cpp" in r), None)
@@ -136,12 +171,19 @@ def section(title: str, command: str, rows: list[dict], pte_rows: list[dict]) ->
     return [f"## {title}", "", f"Command: `{command}`", "", *memory_table(rows), "", *plan_table(pte_rows)]
 
 
+def shared_cpu_note(meta: dict, clean_load: float = 0.3) -> str:
+    if max(meta["load_start"], meta["load_end"]) < clean_load:
+        return ""
+    return (" Other processes shared the CPU during the run: each row's memory is its own process's and does not depend "
+            "on them; speeds would, so none are reported.")
+
+
 def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> str:
     lines = [
         "# Memory while generating",
         "",
         f"Machine: {meta['cpu']}, {meta['cores']} cores; load average (1 min) {meta['load_start']:.2f} at the start, "
-        f"{meta['load_end']:.2f} at the end. Libraries: {meta['environment']}.",
+        f"{meta['load_end']:.2f} at the end.{shared_cpu_note(meta)} Libraries: {meta['environment']}.",
         "",
         f"Each row: {meta['prompt_tokens']} prompt tokens, then {meta['new_tokens']} greedy tokens (end tokens ignored), "
         f"{meta['threads']} thread(s), in a process of its own (benchmarks/decode_engines.py). RSS before loading is the "
@@ -154,6 +196,7 @@ def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> s
         "",
         *section(f"A random model with {meta['shape_name']}'s shapes, 2048-token context, default export", command, shape, shape),
     ]
+    lines += ["", *COPIES_SECTION, "", *(f"- {copies_text(r)}" for r in demo + shape if r["engine"] == "pte")]
     if not any(r["engine"] == "llamacpp" for r in demo):
         lines += ["", "llama.cpp: not measured, llama-cpp-python is not installed (`pip install -e \".[bench]\"`)."]
     return "\n".join(lines) + "\n"

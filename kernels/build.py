@@ -26,6 +26,7 @@ LIBRARY = "libspinquant_kernels.dylib" if sys.platform == "darwin" else "libspin
 OPERATOR = "spinquant::hadamard_transform.out"
 MIN_CMAKE = (3, 28)
 LOAD_HINT = "call kernels.load_into_executorch_runtime() before loading the program"
+MADV_DONTNEED = 4  # Linux's madvise(2) advice: drop the pages from this process; a file's are read again when touched
 # A build (or a failed build's staging directory) unused for this long is removed by the next build
 # beside it. Not sooner: other checkouts, venvs and users with other sources may share the cache.
 UNUSED_BUILD_DAYS = 30
@@ -196,4 +197,24 @@ def load_program(program: Path | bytes) -> LoadedProgram:
         if needs_our_kernels(data) and OPERATOR not in runtime.operator_registry.operator_names:
             raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
         raise
+    if not isinstance(program, bytes):
+        release_mapped_pages(Path(program))
     return LoadedProgram(loaded, methods)
+
+
+def release_mapped_pages(path: Path) -> None:
+    """The pybindings map a program with mlock() (their MmapDataLoader's UseMlockIgnoreErrors), so what stays
+    mapped once XNNPACK has packed its weights, the constant segment with the quantized embedding, stays
+    resident whole (Llama 3.2 1B's shapes: 251 MiB, results/memory.md). Unlocked and dropped from this process,
+    its pages are read back from the page cache as the program uses them, as with ExecuTorch's
+    Module::LoadMode::Mmap (runner/cpp's): of the embedding, only the rows of the tokens seen."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():  # not Linux: the mappings cannot be listed, and stay as the runtime made them
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

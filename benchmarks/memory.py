@@ -134,31 +134,33 @@ COPIES_SECTION = [
     "`backends/xnnpack/runtime/XNNCompiler.cpp`, `XNNPACKBackend.cpp`, `XNNWeightsCache.cpp`; the wheel here is the "
     "version in the libraries above, and the measurements agree with it): runner/pte.py loads a program by its path "
     "(`kernels.load_program` → `Runtime.load_program(path)` → the pybindings' `_load_program`), which maps the file with "
-    "`MmapDataLoader` and mlock()s each piece it loads (`MlockConfig::UseMlockIgnoreErrors`; here the lock succeeds: "
-    "the `locked_mb` figures in results/memory.json). The constant segment (the 8-bit embedding, the norms) stays mapped "
-    "for the program's life. XNNPACK reads each linear's weights and scales from the program's named data, packs them "
-    "into memory of its own when its delegate initialises, then frees what it read (`XNNCompiler.cpp` frees the unpacked "
-    "buffers after `xnn_create_runtime_v4`; with its weight cache on, `finalize_for_runtime` does; the delegate's blob is "
-    "freed after init), and a buffer of a mapped file is freed by unmapping it. So after loading, the file's resident "
-    "pages are its constant segment, and XNNPACK's packed copy is the only one of the linears' weights: the heap the "
-    "load adds beyond the plan is about the size of the named data. Each linear is a partition of its own, so a "
-    "linear's weights are held twice only while XNNPACK packs it: the peak while loading, above the RSS once loaded, "
-    "is about the largest linear (the lm_head, 8-bit). The pybindings have no other way to open a file (from `bytes`, "
-    "the whole file would stay in memory beside the packed weights), so runner/pte.py keeps loading by path. Our C++ "
-    "runner (runner/cpp/llm_program.cpp) opens the program with ExecuTorch's `Module::LoadMode::Mmap`: mapped without "
-    "mlock, so of the embedding only the pages of the tokens used are read in; ExecuTorch's `create_text_llm_runner` "
-    "defaults to `MmapUseMlockIgnoreErrors`, as the Python runtime does.",
+    "`MmapDataLoader` and mlock()s each piece it loads (`MlockConfig::UseMlockIgnoreErrors`). XNNPACK reads each "
+    "linear's weights and scales from the program's named data, packs them into memory of its own when its delegate "
+    "initialises, then frees what it read (`XNNCompiler.cpp` frees the unpacked buffers after `xnn_create_runtime_v4`; "
+    "with its weight cache on, `finalize_for_runtime` does; the delegate's blob is freed after init), and a buffer of a "
+    "mapped file is freed by unmapping it. So XNNPACK's packed copy is the only one of the linears' weights: the heap "
+    "the load adds beyond the plan is about the size of the named data. Each linear is a partition of its own, so a "
+    "linear's weights are held twice only while XNNPACK packs it: the peak while loading, above the RSS once loaded, is "
+    "about the largest linear (the lm_head, 8-bit). What stays mapped is the constant segment (the 8-bit embedding, the "
+    "norms), mlock()ed by the pybindings, so resident whole; `kernels.load_program` then unlocks its pages and drops "
+    "them from the process (`release_mapped_pages`: munlock, madvise DONTNEED), and the program reads them back from "
+    "the page cache as it uses them: of the embedding, the rows of the tokens seen. That is what an app gets from "
+    "ExecuTorch's `Module::LoadMode::Mmap`, the mode our C++ runner uses (runner/cpp/llm_program.cpp: mapped, no mlock); "
+    "ExecuTorch's `create_text_llm_runner` defaults to `MmapUseMlockIgnoreErrors`, which keeps the constant segment "
+    "resident as the pybindings do. The pybindings have no other way to open a file (from `bytes`, the whole file would "
+    "stay in memory beside the packed weights), so runner/pte.py keeps loading by path.",
 ]
 
 
 def copies_text(r: dict) -> str:
     """What the measurements say about the weights being held twice: the .pte's pages against XNNPACK's packed copy."""
-    w = r["weights"]
-    before, loaded = r["memory"]["before_load"], r["memory"]["after_load"]
-    return (f"{r['label']}: after loading, {r['model_file_resident_mb']:.1f} MiB of the file's pages are resident, against a constant "
-            f"segment of {w['constant_segment'] / MIB:.1f} MiB and {w['xnnpack_named_data'] / MIB:.1f} MiB of XNNPACK's weights in the "
-            f"file; the heap the load adds beyond the plan is {r['heap_added_by_load_mb'] - r['planned_bytes'] / MIB:.1f} MiB. "
-            f"The peak while loading is {loaded['peak_mb'] - loaded['rss_mb']:.1f} MiB above the RSS once loaded.")
+    w, loaded, generated = r["weights"], r["memory"]["after_load"], r["memory"]["after_generating"]
+    return (f"{r['label']}: the file holds a constant segment of {w['constant_segment'] / MIB:.1f} MiB and "
+            f"{w['xnnpack_named_data'] / MIB:.1f} MiB of XNNPACK's weights; the heap the load adds beyond the plan is "
+            f"{r['heap_added_by_load_mb'] - r['planned_bytes'] / MIB:.1f} MiB; the file's resident pages are "
+            f"{loaded['model_file_mb']:.1f} MiB once loaded ({loaded['locked_mb']:.1f} MiB locked) and "
+            f"{generated['model_file_mb']:.1f} MiB after generating; the peak while loading is "
+            f"{loaded['peak_mb'] - loaded['rss_mb']:.1f} MiB above the RSS once loaded.")
 
 
 def environment_text(rows: list[dict]) -> str:

@@ -29,6 +29,7 @@ from export_time import SHAPES, write_random_model
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.models import demo_gguf_path
 
+SPEED_KEYS = ("prefill_tokens_per_s", "decode_tokens_per_s", "runs", "thread_cpu_s", "cores_busy")
 MIB = 2**20  # decode_engines.py's RSS numbers are MiB too (its `_mb` keys)
 
 
@@ -83,7 +84,8 @@ def measured(row: dict, args: argparse.Namespace, prompt: list[int], context: in
     """`row` generated once in its own process: what decode_engines.py records, with the differences this file reports."""
     spec = dict(**{k: row[k] for k in ("engine", "path", "label")}, threads=args.threads, prompt_ids=prompt, new_tokens=args.new_tokens,
                 repeats=1, warmup=0, context=context)
-    result = run_worker("decode_engines.py", spec)
+    # Speeds are dropped: memory is the process's own, but the speed of a run on a shared machine is not.
+    result = {k: v for k, v in run_worker("decode_engines.py", spec).items() if k not in SPEED_KEYS}
     before, loaded, generated = (result["memory"][phase] for phase in ("before_load", "after_load", "after_generating"))
     print(f"{row['label']}: the model adds {generated['peak_mb'] - before['rss_mb']:.0f} MiB while generating", file=sys.stderr)
     return dict(

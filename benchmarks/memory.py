@@ -191,7 +191,9 @@ def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> s
         "",
         f"Each row: {meta['prompt_tokens']} prompt tokens, then {meta['new_tokens']} greedy tokens (end tokens ignored), "
         f"{meta['threads']} thread(s), in a process of its own (benchmarks/decode_engines.py). RSS before loading is the "
-        "process with the engine's libraries imported; the heap is its anonymous memory, the model's file its mapped pages "
+        "process with the engine's libraries imported (for our .pte, most of what they add is Python: the pybindings' "
+        "`portable_lib.py` imports `executorch.exir` for a warning class; the C++ runtime is a small part); the heap is its "
+        "anonymous memory, the model's file its mapped pages "
         "(/proc/self/smaps); peaks are Linux's high-water mark, reset after loading so that the generating peak is its own. "
         "Every size in MiB (2^20 bytes). The heap the load adds beyond the plan is that heap minus the plan "
         "(XNNPACK's packed weights and the runtime's own allocations).",

@@ -190,6 +190,8 @@ def load_program(program: Path | bytes) -> LoadedProgram:
     # A path, not its bytes: the runtime then reads the file itself and holds no second copy of it
     # (a 0.97 GB program: 2.1 GB resident once loaded, against 2.7 GB from bytes).
     loaded = runtime.load_program(program if isinstance(program, bytes) else Path(program))
+    if not isinstance(program, bytes):
+        release_mapped_pages(Path(program))  # before the methods load, so not resident while XNNPACK packs (the load's peak)
     try:
         methods = {name: loaded.load_method(name) for name in sorted(loaded.method_names)}
     except RuntimeError as e:
@@ -197,17 +199,15 @@ def load_program(program: Path | bytes) -> LoadedProgram:
         if needs_our_kernels(data) and OPERATOR not in runtime.operator_registry.operator_names:
             raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
         raise
-    if not isinstance(program, bytes):
-        release_mapped_pages(Path(program))
     return LoadedProgram(loaded, methods)
 
 
 def release_mapped_pages(path: Path) -> None:
-    """The pybindings map a program with mlock() (their MmapDataLoader's UseMlockIgnoreErrors), so what stays
-    mapped once XNNPACK has packed its weights, the constant segment with the quantized embedding, stays
-    resident whole (Llama 3.2 1B's shapes: 251 MiB, results/memory.md). Unlocked and dropped from this process,
-    its pages are read back from the page cache as the program uses them, as with ExecuTorch's
-    Module::LoadMode::Mmap (runner/cpp's): of the embedding, only the rows of the tokens seen."""
+    """The pybindings map a program with mlock() (their MmapDataLoader's UseMlockIgnoreErrors), so the constant
+    segment, mapped for the program's life with the quantized embedding in it, stays resident whole (Llama 3.2
+    1B's shapes: 251 MiB, results/memory.md). Unlocked and dropped from this process, its pages are read back
+    from the page cache as the program uses them, as with ExecuTorch's Module::LoadMode::Mmap (runner/cpp's):
+    of the embedding, the pages of the tokens seen."""
     maps = Path("/proc/self/maps")
     if not maps.is_file():  # not Linux: the mappings cannot be listed, and stay as the runtime made them
         return

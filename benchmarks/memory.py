@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b-shape", help="the random model at a real model's shapes")
     p.add_argument("--shape-pte", type=Path, default=Path("out/llama-3.2-1b-shape"), help="its default export's directory (exported here if missing)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runs", type=int, default=3, help="processes per engine, the engines taking turns: each is a row")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--output", type=Path, default=Path("results/memory.md"), help="the .json goes beside it")
@@ -98,13 +100,29 @@ def measured(row: dict, args: argparse.Namespace, prompt: list[int], context: in
     )
 
 
+def measured_runs(rows: list[dict], args: argparse.Namespace, prompt: list[int], context: int) -> list[dict]:
+    """Each row `args.runs` times, the engines taking turns, so that a drift of the machine shows in all of them."""
+    return [dict(measured(row, args, prompt, context), run=i + 1) for i in range(args.runs) for row in rows]
+
+
+def median_line(rows: list[dict]) -> str:
+    medians = {}
+    for r in rows:
+        medians.setdefault(r["label"], []).append(r["generating_peak_added_mb"])
+    return "Memory the model adds, median of its runs: " + "; ".join(f"{label} {statistics.median(v):.0f} MiB" for label, v in medians.items()) + "."
+
+
+def first_runs(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["run"] == 1]
+
+
 def memory_table(rows: list[dict]) -> list[str]:
-    lines = ["| engine | RSS at start MiB | the engine's libraries add MiB | RSS before loading MiB | peak while loading − before MiB | "
+    lines = ["| engine | run | RSS at start MiB | the engine's libraries add MiB | RSS before loading MiB | peak while loading − before MiB | "
              "after loading: heap added MiB | after loading: the model's file resident MiB | **memory the model adds** "
              "(peak while generating − RSS before loading) MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['rss_at_start_mb']} | {r['libraries_mb']:.0f} | {r['memory']['before_load']['rss_mb']:.0f} | "
+        lines.append(f"| {r['label']} | {r['run']} | {r['rss_at_start_mb']} | {r['libraries_mb']:.0f} | {r['memory']['before_load']['rss_mb']:.0f} | "
                      f"{r['load_peak_added_mb']:.0f} | {r['heap_added_by_load_mb']:.0f} | {r['model_file_resident_mb']:.0f} | "
                      f"**{r['generating_peak_added_mb']:.0f}** |")
     return lines
@@ -144,9 +162,12 @@ COPIES_SECTION = [
     "the load adds beyond the plan is about the size of the named data. Each linear is a partition of its own, so a "
     "linear's weights are held twice only while XNNPACK packs it: the peak while loading, above the RSS once loaded, is "
     "about the largest linear (the lm_head, 8-bit). What stays mapped is the constant segment (the 8-bit embedding, the "
-    "norms), mlock()ed by the pybindings, so resident whole; `kernels.load_program` then unlocks its pages and drops "
-    "them from the process (`release_mapped_pages`: munlock, madvise DONTNEED), and the program reads them back from "
-    "the page cache as it uses them: of the embedding, the rows of the tokens seen. That is what an app gets from "
+    "norms), mlock()ed by the pybindings, so resident whole; `kernels.load_program` unlocks its pages and drops them "
+    "from the process before the methods load (`release_mapped_pages`: munlock, madvise DONTNEED), and the program "
+    "reads them back from the page cache as it uses them: of the embedding, the pages of the tokens seen. The kernel "
+    "maps a file's pages in the units its page cache holds them in: on this machine (Linux 6.18, ext4) large folios, "
+    "mapped whole (a probe's /proc/self/smaps showed most of them as FilePmdMapped), so the rows of a few hundred tokens "
+    "bring in far more than their own bytes: the file's pages resident after generating. That is what an app gets from "
     "ExecuTorch's `Module::LoadMode::Mmap`, the mode our C++ runner uses (runner/cpp/llm_program.cpp: mapped, no mlock); "
     "ExecuTorch's `create_text_llm_runner` defaults to `MmapUseMlockIgnoreErrors`, which keeps the constant segment "
     "resident as the pybindings do. The pybindings have no other way to open a file (from `bytes`, the whole file would "
@@ -172,7 +193,7 @@ def environment_text(rows: list[dict]) -> str:
 
 
 def section(title: str, command: str, rows: list[dict], pte_rows: list[dict]) -> list[str]:
-    return [f"## {title}", "", f"Command: `{command}`", "", *memory_table(rows), "", *plan_table(pte_rows)]
+    return [f"## {title}", "", f"Command: `{command}`", "", *memory_table(rows), "", median_line(rows), "", *plan_table(first_runs(pte_rows))]
 
 
 def shared_cpu_note(meta: dict, clean_load: float = 0.3) -> str:
@@ -190,7 +211,8 @@ def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> s
         f"{meta['load_end']:.2f} at the end.{shared_cpu_note(meta)} Libraries: {meta['environment']}.",
         "",
         f"Each row: {meta['prompt_tokens']} prompt tokens, then {meta['new_tokens']} greedy tokens (end tokens ignored), "
-        f"{meta['threads']} thread(s), in a process of its own (benchmarks/decode_engines.py). RSS before loading is the "
+        f"{meta['threads']} thread(s), in a process of its own (benchmarks/decode_engines.py); {meta['runs']} runs of each "
+        "engine, the engines taking turns. RSS before loading is the "
         "process with the engine's libraries imported (for our .pte, most of what they add is Python: the pybindings' "
         "`portable_lib.py` imports `executorch.exir` for a warning class; the C++ runtime is a small part); the heap is its "
         "anonymous memory, the model's file its mapped pages "
@@ -202,7 +224,7 @@ def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> s
         "",
         *section(f"A random model with {meta['shape_name']}'s shapes, 2048-token context, default export", command, shape, shape),
     ]
-    lines += ["", *COPIES_SECTION, "", *(f"- {copies_text(r)}" for r in demo + shape if r["engine"] == "pte")]
+    lines += ["", *COPIES_SECTION, "", *(f"- {copies_text(r)}" for r in first_runs(demo + shape) if r["engine"] == "pte")]
     if not any(r["engine"] == "llamacpp" for r in demo):
         lines += ["", "llama.cpp: not measured, llama-cpp-python is not installed (`pip install -e \".[bench]\"`)."]
     return "\n".join(lines) + "\n"
@@ -218,11 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     if importlib.util.find_spec("llama_cpp") is not None:
         demo_rows.append(dict(id="llamacpp", label=f"llama.cpp, `{gguf.name}`", engine="llamacpp", path=str(gguf)))
     shape_rows = [pte_row("shape_pte", f"our .pte, {SHAPES[args.shape].name} shapes (`{args.shape_pte}`)", args.shape_pte, shape_report)]
-    demo = [measured(r, args, prompt_ids(args.pte, args.prompt_tokens), demo_report["metadata"]["get_max_context_len"]) for r in demo_rows]
-    shape = [measured(r, args, prompt_ids(args.shape_pte, args.prompt_tokens), shape_report["metadata"]["get_max_context_len"]) for r in shape_rows]
-    print("\n".join(plan_lines(demo[:1] + shape)), file=sys.stderr)
+    demo = measured_runs(demo_rows, args, prompt_ids(args.pte, args.prompt_tokens), demo_report["metadata"]["get_max_context_len"])
+    shape = measured_runs(shape_rows, args, prompt_ids(args.shape_pte, args.prompt_tokens), shape_report["metadata"]["get_max_context_len"])
+    print("\n".join(plan_lines([r for r in first_runs(demo + shape) if r["engine"] == "pte"])), file=sys.stderr)
     meta = dict(cpu=cpu_text(), cores=os.cpu_count(), load_start=load_start, load_end=os.getloadavg()[0], environment=environment_text(demo),
-                shape_name=SHAPES[args.shape].name, threads=args.threads, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
+                shape_name=SHAPES[args.shape].name, threads=args.threads, runs=args.runs, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens)
     write_atomic(args.output, markdown(command, meta, demo, shape).encode())
     write_json_atomic(args.output.with_suffix(".json"), dict(command=command, **meta, demo=demo, shape=shape))
     print(args.output.read_text())

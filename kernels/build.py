@@ -1,6 +1,6 @@
 """Build the C++ kernel library once per source version, and load it into ExecuTorch's runtime.
 
-The build goes to the user's cache, <cache>/kernels/<hash>/ (<cache> is spinquant.models.cache_dir():
+The build goes to the user's cache, <cache>/kernels/<hash>/ (<cache> is spinquant.files.cache_dir():
 $SPINQUANT_CACHE, else ~/.cache/spinquant), never into the package, which an installed wheel may have
 read-only or shared between users. The hash covers the C++ sources, the CMake project and the ExecuTorch
 version it compiles against, so editing a source or upgrading ExecuTorch rebuilds and nothing else does;
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spinquant.errors import UserError
+from spinquant.files import cache_dir
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 LIBRARY = "libspinquant_kernels.dylib" if sys.platform == "darwin" else "libspinquant_kernels.so"
@@ -35,8 +36,6 @@ UNUSED_BUILD_DAYS = 30
 def build_root(part: str = "kernels") -> Path:
     """Where the C++ builds go: <cache>/<part>/<hash>/, outside the package (site-packages may be
     read-only, or shared between users and environments)."""
-    from spinquant.models import cache_dir  # here: it imports transformers, which the build needs not
-
     return cache_dir() / part
 
 

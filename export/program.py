@@ -166,8 +166,9 @@ def planned_memory_bytes(manager: ExecutorchProgramManager) -> dict[str, int]:
 def memory_plan_parts(manager: ExecutorchProgramManager, method: str = "forward") -> dict[str, int]:
     """A method's memory plan by what holds it: the KV cache (the graph's mutable buffers, whatever their dtype:
     the cache and any scales), the outputs (the logits, planned for the longest call) and the activations, the
-    rest. The cache and the outputs are live at a call's end, so no other tensor of the plan shares their
-    bytes; the activations reuse each other's, which is why they are what is left."""
+    rest of the arena. The cache lives through the whole program and the outputs to a call's end, so the bytes
+    the plan gives them are theirs when the call ends; the activations share the rest among themselves (and
+    the outputs' bytes before those are written), so they are counted as what is left."""
     program = manager.exported_program(method)
     mutable = set(program.graph_signature.buffers_to_mutate.values())
     buffer_of = program.graph_signature.inputs_to_buffers

@@ -8,7 +8,8 @@ model loads (the engine's libraries already in), its peak while loading and whil
 of it is heap and what pages of the model's file. For each .pte, the memory plan (export_report.json's
 memory_plan_parts: KV cache, activations, logits) and the weights the file holds, by where they are. A
 missing program is exported first: the demo by `python -m export.to_pte` (about 4 minutes on 2 cores),
-the shape from random bf16 weights (benchmarks/export_time.py's SHAPES; about 7 minutes and 5.5 GB).
+the shape from random bf16 weights (benchmarks/export_time.py's SHAPES; 8 minutes here beside other jobs,
+5.5 GB peak: results/export_1b_shape.md).
 Writes results/memory.md and results/memory.json.
 """
 

@@ -151,8 +151,9 @@ COPIES_SECTION = [
     "## Are the weights held twice?",
     "",
     "No, once loaded; one linear's weights at a time while loading. Measured below; the mechanism, from ExecuTorch's "
-    "source (its main branch: `extension/pybindings/pybindings.cpp`, `extension/data_loader/mmap_data_loader.cpp`, "
-    "`backends/xnnpack/runtime/XNNCompiler.cpp`, `XNNPACKBackend.cpp`, `XNNWeightsCache.cpp`; the wheel here is the "
+    "source (its main branch at cff6f4dd32: `extension/pybindings/pybindings.cpp`, `extension/data_loader/mmap_data_loader.cpp`, "
+    "`backends/xnnpack/runtime/XNNCompiler.cpp`, `XNNPACKBackend.cpp`, `XNNWeightsCache.cpp`, "
+    "`extension/module/module.cpp`, `extension/llm/runner/llm_runner_helper.h`; the wheel here is the "
     "version in the libraries above, and the measurements agree with it): runner/pte.py loads a program by its path "
     "(`kernels.load_program` → `Runtime.load_program(path)` → the pybindings' `_load_program`), which maps the file with "
     "`MmapDataLoader` and mlock()s each piece it loads (`MlockConfig::UseMlockIgnoreErrors`). XNNPACK reads each "

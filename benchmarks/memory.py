@@ -37,7 +37,7 @@ MIB = 2**20  # decode_engines.py's RSS numbers are MiB too (its `_mb` keys)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pte", type=Path, default=Path("out/demo"), help="directory of the demo's default export (exported here if it has no model.pte)")
+    p.add_argument("--pte", type=Path, default=Path("out/demo"), help="directory of a demo program with its default rotation (the default export is made here if it has no model.pte)")
     p.add_argument("--gguf", type=Path, help="llama.cpp's model (default: the demo model's own GGUF file)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b-shape", help="the random model at a real model's shapes")
     p.add_argument("--shape-pte", type=Path, default=Path("out/llama-3.2-1b-shape"), help="its default export's directory (exported here if missing)")
@@ -76,6 +76,14 @@ def pte_weight_bytes(pte: Path) -> dict[str, int]:
         xnnpack_named_data=sum(len(buffer) for buffer in pte_file.named_data.buffers) if pte_file.named_data else 0,
         delegate_blobs=sum(len(blob.data) for blob in pte_file.program.backend_delegate_data),
     )
+
+
+def program_label(directory: Path, report: dict) -> str:
+    """What decides a program's memory: its linears, lm_head, KV cache (programs from before `--kv-cache` have
+    a float32 one) and context."""
+    o = report["options"]
+    return (f"our .pte: {o['qlinear']} g{o['group_size']}, lm_head {o['lm_head']}, KV cache {o.get('kv_cache', 'fp32')}, "
+            f"context {o['max_seq_len']} (`{directory}`)")
 
 
 def pte_row(row_id: str, label: str, directory: Path, report: dict) -> dict:
@@ -224,7 +232,7 @@ def markdown(command: str, meta: dict, demo: list[dict], shape: list[dict]) -> s
         "",
         *section("The demo model (SmolLM2-135M-Instruct): our .pte and llama.cpp in one run", command, demo, [r for r in demo if r["engine"] == "pte"]),
         "",
-        *section(f"A random model with {meta['shape_name']}'s shapes, 2048-token context, default export", command, shape, shape),
+        *section(f"A random model with {meta['shape_name']}'s shapes", command, shape, shape),
     ]
     lines += ["", *COPIES_SECTION, "", *(f"- {copies_text(r)}" for r in first_runs(demo + shape) if r["engine"] == "pte")]
     if not any(r["engine"] == "llamacpp" for r in demo):
@@ -238,10 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     load_start = os.getloadavg()[0]
     demo_report, shape_report = ensure_export(args.pte, None), ensure_shape_export(args.shape_pte, args.shape)
     gguf = args.gguf or demo_gguf_path(demo_report["options"]["model"])
-    demo_rows = [pte_row("pte", f"our .pte, default export (`{args.pte}`)", args.pte, demo_report)]
+    demo_rows = [pte_row("pte", program_label(args.pte, demo_report), args.pte, demo_report)]
     if importlib.util.find_spec("llama_cpp") is not None:
         demo_rows.append(dict(id="llamacpp", label=f"llama.cpp, `{gguf.name}`", engine="llamacpp", path=str(gguf)))
-    shape_rows = [pte_row("shape_pte", f"our .pte, {SHAPES[args.shape].name} shapes (`{args.shape_pte}`)", args.shape_pte, shape_report)]
+    shape_rows = [pte_row("shape_pte", program_label(args.shape_pte, shape_report), args.shape_pte, shape_report)]
     demo = measured_runs(demo_rows, args, prompt_ids(args.pte, args.prompt_tokens), demo_report["metadata"]["get_max_context_len"])
     shape = measured_runs(shape_rows, args, prompt_ids(args.shape_pte, args.prompt_tokens), shape_report["metadata"]["get_max_context_len"])
     print("\n".join(plan_lines([r for r in first_runs(demo + shape) if r["engine"] == "pte"])), file=sys.stderr)

@@ -2,17 +2,20 @@
 
     python benchmarks/decode_engines.py SPEC.json RESULT.json
 
-benchmarks/decode_speed.py and benchmarks/vs_optimum.py start one such process per engine and
-thread count, so that each one's peak RSS and thread settings are its own. Every engine but one
-sits behind the interface that runner.generate's generate() drives (metadata, prefill, forward),
-so all of them are timed by the same loop: prefill = prompt in → first token chosen; decode = each
-later token. The exception, `text_llm_runner`, is ExecuTorch's own C++ TextLLMRunner on a .pte,
-timed by its own clock over the same two spans.
+benchmarks/decode_speed.py, benchmarks/vs_optimum.py and benchmarks/memory.py start one such process
+per engine and thread count, so that each one's peak RSS and thread settings are its own. Every
+engine but one sits behind the interface that runner.generate's generate() drives (metadata,
+prefill, forward), so all of them are timed by the same loop: prefill = prompt in → first token
+chosen; decode = each later token. The exception, `text_llm_runner`, is ExecuTorch's own C++
+TextLLMRunner on a .pte, timed by its own clock over the same two spans.
+
+Memory: the engine's libraries are imported before the model loads, so that "RSS before loading"
+is the process with the runtime in it and what the load adds is the model's; the peak is taken
+twice, while loading and while generating (Linux's high-water mark is reset in between).
 """
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -94,6 +97,20 @@ class LlamaCpp:
         return torch.tensor(logits).view(1, 1, -1)  # a copy: llama.cpp reuses its buffer
 
 
+def import_engine(engine: str) -> None:
+    """The engine's libraries, and for our programs the kernels they need: the runtime, not the model."""
+    if engine in ("pte", "text_llm_runner"):
+        from runner.pte import load_runtime_kernels
+
+        load_runtime_kernels()
+        if engine == "text_llm_runner":
+            from executorch.extension.llm.runner import _llm_runner  # noqa: F401
+    elif engine == "hf":
+        import transformers  # noqa: F401
+    elif engine == "llamacpp":
+        import llama_cpp  # noqa: F401
+
+
 def load_engine(spec: dict) -> tuple[object, dict]:
     """The engine with `spec['threads']` threads, and what it reports about itself."""
     threads = spec["threads"]
@@ -140,8 +157,28 @@ def rss_mb() -> float:
     return kib / 1024
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def reset_peak_rss() -> None:
+    """Linux's high-water mark of this process's RSS (VmHWM, and ru_maxrss with it) back to its RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def memory_now(model_file: Path) -> dict:
+    """RSS now and its peak since the last reset; how much of the RSS is anonymous memory (heap: the memory
+    plan, XNNPACK's packed weights, llama.cpp's buffers) and pages of the model's file mapped in; and how much
+    is locked in memory (ExecuTorch's Python runtime mlock()s what it maps of a program)."""
+    mb = {"rss": 0, "anon": 0, "model_file": 0}
+    mapped = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):  # a mapping's first line: address range, ..., and its file, if any
+            mapped = " ".join(fields[5:]) or None
+        elif fields[0] in ("Rss:", "Anonymous:"):
+            mb["rss" if fields[0] == "Rss:" else "anon"] += int(fields[1]) / 1024
+            if fields[0] == "Rss:" and mapped == str(model_file):
+                mb["model_file"] += int(fields[1]) / 1024
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    mb["peak"], mb["locked"] = (int(status[key].split()[0]) / 1024 for key in ("VmHWM", "VmLck"))  # locked: mlock()ed pages
+    return {f"{key}_mb": round(value, 1) for key, value in mb.items()}
 
 
 def thread_cpu_ticks() -> dict[int, int]:
@@ -210,9 +247,16 @@ def generation(spec: dict) -> tuple[Callable[[], tuple[list[int] | str, Generati
 
 
 def measure(spec: dict) -> dict:
-    """Warm-up runs, then `repeats` timed runs: medians and every run's numbers."""
-    before_load = rss_mb()
+    """Warm-up runs, then `repeats` timed runs: medians and every run's numbers; memory before and after
+    loading and after generating (with the peak of each phase)."""
+    at_start = rss_mb()
+    import_engine(spec["engine"])
+    model_file = Path(spec["path"]).resolve()
+    before_load = memory_now(model_file)
+    reset_peak_rss()
     run_once, info = generation(spec)
+    after_load = memory_now(model_file)
+    reset_peak_rss()
     for _ in range(spec["warmup"]):
         run_once()
     runs: list[GenerationStats] = []
@@ -221,6 +265,7 @@ def measure(spec: dict) -> dict:
         new, stats = run_once()
         runs.append(stats)
     use = thread_use(before, thread_cpu_ticks(), time.perf_counter() - start)
+    after_generating = memory_now(model_file)
     return dict(
         **info,
         prefill_tokens_per_s=statistics.median(r.prefill_tokens_per_s for r in runs),
@@ -228,8 +273,10 @@ def measure(spec: dict) -> dict:
         **use,
         runs=[vars(r) for r in runs],
         generated=new,  # token ids (our loop) or text (TextLLMRunner)
-        rss_before_load_mb=round(before_load),
-        peak_rss_mb=round(peak_rss_mb()),
+        rss_at_start_mb=round(at_start),
+        rss_before_load_mb=round(before_load["rss_mb"]),
+        peak_rss_mb=round(max(after_load["peak_mb"], after_generating["peak_mb"])),
+        memory=dict(before_load=before_load, after_load=after_load, after_generating=after_generating),
     )
 
 

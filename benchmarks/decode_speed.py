@@ -213,7 +213,7 @@ def fmt(x: float | None, digits: int = 1) -> str:
 
 
 def results_table(rows: list[dict]) -> list[str]:
-    lines = ["| engine | threads | prefill tok/s | decode tok/s | peak RSS MB | RSS before the model loaded MB | cores busy |",
+    lines = ["| engine | threads | prefill tok/s | decode tok/s | peak RSS MB | RSS before the model loaded (the engine's libraries in) MB | cores busy |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['threads']} | {fmt(r.get('prefill_tokens_per_s'))} | {fmt(r['decode_tokens_per_s'])} | "

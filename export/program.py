@@ -5,6 +5,7 @@ cache_position[T]) -> logits (see export/exportable_llama.py).
 """
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,10 +15,11 @@ import torch
 from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
 from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
 from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, ExecutorchProgramManager, to_edge
+from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, ExecutorchProgramManager, schema, to_edge
 from executorch.exir.backend.compile_spec_schema import CompileSpec
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+from executorch.exir.tensor import get_scalar_type
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
@@ -74,11 +76,6 @@ def export_program(model: LlamaForCausalLM, max_seq_len: int, prefill_chunk: int
         return torch.export.export(
             ExportableLlama(model, max_seq_len, full_logits, kv_cache), (ids, pos), dynamic_shapes=({1: seq}, {0: seq}), strict=False
         )
-
-
-def kv_cache_bytes(program: torch.export.ExportedProgram) -> int:
-    """Bytes of every layer's KV cache (values, and an int8 cache's scales and zero points): the cache modules' buffers."""
-    return sum(t.nbytes for name, t in program.constants.items() if ".cache." in name)
 
 
 def linear_partitioner() -> XnnpackPartitioner:
@@ -166,3 +163,21 @@ def planned_memory_bytes(manager: ExecutorchProgramManager) -> dict[str, int]:
     sizes = {plan.name: sum(plan.non_const_buffer_sizes) for plan in manager.executorch_program.execution_plan}
     return {name: size for name, size in sizes.items() if size}  # the metadata methods plan nothing
 
+
+def memory_plan_parts(manager: ExecutorchProgramManager, method: str = "forward") -> dict[str, int]:
+    """A method's memory plan by what holds it: the KV cache (the graph's mutable buffers, whatever their dtype:
+    the cache and any scales), the outputs (the logits, planned for the longest call) and the activations, the
+    rest of the arena. The cache lives through the whole program and the outputs to a call's end, so the bytes
+    the plan gives them are theirs when the call ends; the activations share the rest among themselves (and
+    the outputs' bytes before those are written), so they are counted as what is left."""
+    program = manager.exported_program(method)
+    mutable = set(program.graph_signature.buffers_to_mutate.values())
+    buffer_of = program.graph_signature.inputs_to_buffers
+    kv_cache = sum(n.meta["spec"].allocated_memory for n in program.graph.nodes if n.op == "placeholder" and buffer_of.get(n.target) in mutable)
+    plan = next(p for p in manager.executorch_program.execution_plan if p.name == method)
+    logits = sum(tensor_bytes(plan.values[i].val) for i in plan.outputs)
+    return dict(kv_cache=kv_cache, logits=logits, activations=planned_memory_bytes(manager)[method] - kv_cache - logits)
+
+
+def tensor_bytes(tensor: schema.Tensor) -> int:
+    return math.prod(tensor.sizes) * get_scalar_type(tensor.scalar_type).itemsize

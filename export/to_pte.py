@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from export.options import GROUP_SIZES, KV_CACHES, LM_HEAD, QEMBEDDING, QLINEAR, ExportOptions, options_from_yaml
-from export.program import delegate_linears, emit_program, export_program, kv_cache_bytes, longest_call, metadata, planned_memory_bytes
+from export.program import delegate_linears, emit_program, export_program, longest_call, memory_plan_parts, metadata, planned_memory_bytes
 from export.verify import PROMPT, EagerReference, check_agreement, compare_with_reference, eager_reference
 from spinquant.data import calibration_text
 from spinquant.environment import describe_environment
@@ -140,11 +140,12 @@ def run(opts: ExportOptions) -> dict:
     try:
         with pte_tmp.open("wb") as f:
             manager.write_to_file(f)  # in pieces: manager.buffer would join the whole program in memory first
-        planned = planned_memory_bytes(manager)
+        planned, plan_parts = planned_memory_bytes(manager), memory_plan_parts(manager)
         del manager
         gc.collect()  # the lowering's graphs hold reference cycles: only the program runs beside the check
         report = dict(
             options=opts.record(), **model_facts, pte_bytes=pte_tmp.stat().st_size, planned_memory_bytes=planned,
+            memory_plan_parts=plan_parts,
             export_seconds=round(time.time() - start, 1), stage_seconds=stage.seconds, peak_rss_mb=round(peak_rss_mb()),
             stage_peak_rss_mb=stage.peak_rss_mb,
             environment=describe_environment(),
@@ -191,7 +192,6 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
     )
     with stage("torch.export"):
         program = export_program(model, opts.max_seq_len, opts.prefill_chunk, opts.full_logits, opts.kv_cache)
-    model_facts["kv_cache_bytes"] = kv_cache_bytes(program)
     return program, model_facts, reference, loaded.tokenizer
 
 

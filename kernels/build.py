@@ -1,6 +1,6 @@
 """Build the C++ kernel library once per source version, and load it into ExecuTorch's runtime.
 
-The build goes to the user's cache, <cache>/kernels/<hash>/ (<cache> is spinquant.models.cache_dir():
+The build goes to the user's cache, <cache>/kernels/<hash>/ (<cache> is spinquant.files.cache_dir():
 $SPINQUANT_CACHE, else ~/.cache/spinquant), never into the package, which an installed wheel may have
 read-only or shared between users. The hash covers the C++ sources, the CMake project and the ExecuTorch
 version it compiles against, so editing a source or upgrading ExecuTorch rebuilds and nothing else does;
@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spinquant.errors import UserError
+from spinquant.files import cache_dir
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 LIBRARY = "libspinquant_kernels.dylib" if sys.platform == "darwin" else "libspinquant_kernels.so"
 OPERATOR = "spinquant::hadamard_transform.out"
 MIN_CMAKE = (3, 28)
 LOAD_HINT = "call kernels.load_into_executorch_runtime() before loading the program"
+MADV_DONTNEED = 4  # Linux's madvise(2) advice: drop the pages from this process; a file's are read again when touched
 # A build (or a failed build's staging directory) unused for this long is removed by the next build
 # beside it. Not sooner: other checkouts, venvs and users with other sources may share the cache.
 UNUSED_BUILD_DAYS = 30
@@ -34,8 +36,6 @@ UNUSED_BUILD_DAYS = 30
 def build_root(part: str = "kernels") -> Path:
     """Where the C++ builds go: <cache>/<part>/<hash>/, outside the package (site-packages may be
     read-only, or shared between users and environments)."""
-    from spinquant.models import cache_dir  # here: it imports transformers, which the build needs not
-
     return cache_dir() / part
 
 
@@ -189,6 +189,8 @@ def load_program(program: Path | bytes) -> LoadedProgram:
     # A path, not its bytes: the runtime then reads the file itself and holds no second copy of it
     # (a 0.97 GB program: 2.1 GB resident once loaded, against 2.7 GB from bytes).
     loaded = runtime.load_program(program if isinstance(program, bytes) else Path(program))
+    if not isinstance(program, bytes):
+        release_mapped_pages(Path(program))  # before the methods load, so not resident while XNNPACK packs (the load's peak)
     try:
         methods = {name: loaded.load_method(name) for name in sorted(loaded.method_names)}
     except RuntimeError as e:
@@ -197,3 +199,21 @@ def load_program(program: Path | bytes) -> LoadedProgram:
             raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
         raise
     return LoadedProgram(loaded, methods)
+
+
+def release_mapped_pages(path: Path) -> None:
+    """The pybindings map a program with mlock() (their MmapDataLoader's UseMlockIgnoreErrors), so the constant
+    segment, mapped for the program's life with the quantized embedding in it, stays resident whole (Llama 3.2
+    1B's shapes: 251 MiB, results/memory.md). Unlocked and dropped from this process, its pages are read back
+    from the page cache as the program uses them, as with ExecuTorch's Module::LoadMode::Mmap (runner/cpp's):
+    of the embedding, the pages of the tokens seen."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():  # not Linux: the mappings cannot be listed, and stay as the runtime made them
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] == str(path.resolve()):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            libc.munlock(ctypes.c_void_p(start), ctypes.c_size_t(end - start))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)

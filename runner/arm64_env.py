@@ -1,6 +1,6 @@
 """The arm64 environment: Debian's arm64 Python, the arm64 torch/executorch wheels, our kernel library
 cross-built for it, run under qemu-aarch64. Prepared once into <cache>/arm64/<key>/ (<cache> is
-spinquant.models.cache_dir()); downloads are kept in <cache>/arm64/downloads/ for the next key.
+spinquant.files.cache_dir()); downloads are kept in <cache>/arm64/downloads/ for the next key.
 
 Layout of an environment:
   root/   Debian arm64 packages unpacked (dpkg -x): python3.11 and the C libraries; qemu's -L
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from runner import arm64_stubs
 from spinquant.errors import UserError
+from spinquant.files import cache_dir
 
 PLATFORM = "manylinux_2_28_aarch64"
 # Debian 12 (bookworm)'s arm64 python3 is 3.11, so the wheels are cp311 ones.
@@ -80,8 +81,6 @@ def requirements() -> list[str]:
 
 
 def arm64_root() -> Path:
-    from spinquant.models import cache_dir
-
     return cache_dir() / "arm64"
 
 

@@ -1,9 +1,16 @@
-"""Atomic writes: a result file appears whole or not at all, never half-written."""
+"""Atomic writes (a result file appears whole or not at all, never half-written) and the user cache's folder."""
 
 import json
 import os
 import tempfile
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Builds, downloads and the demo model's files: $SPINQUANT_CACHE, else ~/.cache/spinquant. Here, not in
+    spinquant.models: the kernel loader needs it in a runner's process, where transformers' model code would
+    add tens of MiB of RSS (results/memory.md's libraries column)."""
+    return Path(os.environ.get("SPINQUANT_CACHE", Path.home() / ".cache" / "spinquant"))
 
 
 def write_atomic(path: Path, data: bytes) -> None:

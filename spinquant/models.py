@@ -18,6 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from spinquant.errors import UserError
+from spinquant.files import cache_dir
 from spinquant.families import FAMILIES
 
 DEMO_MODELS = {
@@ -34,10 +35,6 @@ class LoadedModel:
     model: LlamaForCausalLM
     tokenizer: PreTrainedTokenizerBase
     source: str
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPINQUANT_CACHE", Path.home() / ".cache" / "spinquant"))
 
 
 def demo_gguf_path(name: str) -> Path:

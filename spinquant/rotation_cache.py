@@ -18,7 +18,8 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from spinquant.data import read_text, token_windows
-from spinquant.models import DEMO_MODELS, cache_dir, demo_gguf_path, load_model
+from spinquant.files import cache_dir
+from spinquant.models import DEMO_MODELS, demo_gguf_path, load_model
 from spinquant.optimize import learn_and_save, make_plan
 
 # SpinQuant's recipe (spinquant/optimize.py), with windows as long as the program's KV cache (at most 2,048).

@@ -9,7 +9,8 @@ from executorch.exir._serialize._program import deserialize_pte_binary
 from executorch.exir.schema import KernelCall
 
 from export.options import ExportOptions
-from export.program import with_static_cache
+from export.exportable_llama import ExportableLlama
+from export.program import delegate_linears, emit_program, export_program, memory_plan_parts, planned_memory_bytes, with_static_cache
 from export.to_pte import main, parse_args, run
 from export.verify import check_agreement, compare_with_reference, eager_reference
 from runner.pte import PteProgram
@@ -52,6 +53,7 @@ def test_default_export_matches_eager_and_reports(default_export):
     saved = json.loads((opts.output_dir / "export_report.json").read_text())
     assert saved["options"]["qlinear"] == "8da4w" and saved["rotation"]["r4_online_hadamard"]
     assert saved["pte_bytes"] == (opts.output_dir / "model.pte").stat().st_size
+    assert sum(saved["memory_plan_parts"].values()) == saved["planned_memory_bytes"]["forward"]
     assert saved["verify"]["top1_agreement"] == 1.0 and saved["verify"]["max_abs_logit_diff"] < 1e-3
     assert saved["verify"]["mean_kl"] < 1e-6 and saved["verify"]["positions"] == 9  # the prompt's last position + 8 decode steps
     assert {"torch", "executorch", "torchao"} <= set(saved["environment"])
@@ -242,7 +244,18 @@ def test_an_int8_kv_cache_computes_its_fake_quantization(tiny_hf_dir, tmp_path, 
     report = run(opts.check())
     assert_program_matches_eager(opts, steps=4, tol=1e-5)
     layers, kv_heads, head_dim = 2, 2, 16
-    assert report["kv_cache_bytes"] == layers * 2 * 32 * kv_heads * (head_dim + 4 + 1)  # int8 values, float32 scale, int8 zero point
+    assert report["memory_plan_parts"]["kv_cache"] == layers * 2 * 32 * kv_heads * (head_dim + 4 + 1)  # int8 values, float32 scale, int8 zero point
     operators = program_operators(tmp_path / "model.pte")
     assert operators.count("llama::custom_quantized_sdpa") == layers and "llama::custom_sdpa" not in operators
     assert operators.count("spinquant::hadamard_transform") == layers * (2 if r3 else 1)  # R4 on down_proj, R3 on q and k together
+
+
+def test_the_memory_plan_splits_into_kv_cache_logits_and_activations():
+    """The parts add up to the plan; the KV cache part is the cache buffers' bytes, the logits one position's."""
+    model, max_seq_len = tiny_llama(tiny_llama_config(vocab=512), dtype=torch.float32), 64
+    manager = emit_program(delegate_linears(export_program(model, max_seq_len, prefill_chunk=256), {}))
+    parts = memory_plan_parts(manager)
+    caches = [b for name, b in ExportableLlama(model, max_seq_len).named_buffers() if "cache" in name]
+    assert sum(parts.values()) == planned_memory_bytes(manager)["forward"]
+    assert parts["kv_cache"] == sum(b.nbytes for b in caches) == 2 * 2 * max_seq_len * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
+    assert parts["logits"] == 512 * 4 and parts["activations"] > 0

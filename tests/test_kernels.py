@@ -192,6 +192,33 @@ def test_pte_with_xnnpack_linears_matches_eager(runtime):
     assert relative_error(y, expected.double()) <= 1e-5
 
 
+def mapped_kib(path: Path, field: str) -> int:
+    """A field of /proc/self/smaps (Size, Rss, Locked), summed over this process's mappings of `path`."""
+    total, mapped = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            mapped = " ".join(fields[5:]) == str(path.resolve())
+        elif mapped and fields[0] == field:
+            total += int(fields[1])
+    return total
+
+
+def test_a_program_loaded_from_a_file_keeps_none_of_its_pages_resident(runtime, tmp_path):
+    """The pybindings mlock() what they map of a program; load_program hands those pages back to the page
+    cache, from which the program reads them again as it uses them."""
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), torch.randn(5, 64)
+    path = tmp_path / "mlp.pte"
+    path.write_bytes(to_pte(model, (x,)))  # no delegate: the weights stay in the constant segment, mapped for the program's life
+    loaded = kernels.load_program(path)
+    assert mapped_kib(path, "Size:") >= model.up.weight.nbytes / 1024
+    assert mapped_kib(path, "Locked:") == 0 and mapped_kib(path, "Rss:") < model.up.weight.nbytes / 1024  # the program's own tables at most
+    y = loaded.methods["forward"].execute([x])[0]
+    with torch.no_grad():
+        assert relative_error(y, model(x).double()) <= 1e-5
+
+
 class Many(nn.Module):
     def forward(self, *xs):
         return tuple(hadamard_transform(x) for x in xs)

@@ -62,22 +62,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ensure_export(directory: Path, rotation: str | None, lm_head: str | None = None) -> dict:
+def ensure_export(directory: Path, rotation: str | None, options: dict[str, str] | None = None) -> dict:
     """The export's report; exported first when the directory has no program. `rotation` None: the
-    default export (the model's default rotation); otherwise an export with this rotation. `lm_head`
-    None: the default lm_head; otherwise an export with `--lm-head lm_head`."""
+    default export (the model's default rotation); otherwise an export with this rotation. `options`:
+    other export options by name (`{"lm_head": "8da4w"}` exports with `--lm-head 8da4w`), checked too."""
+    options = options or {}
     if not (directory / "model.pte").is_file():
-        extra = (["--rotation", rotation] if rotation else []) + (["--lm-head", lm_head] if lm_head else [])
+        extra = (["--rotation", rotation] if rotation else []) + [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", v)]
         subprocess.run([sys.executable, "-m", "export.to_pte", "--output-dir", str(directory), *extra], cwd=ROOT, check=True)
     report = json.loads((directory / "export_report.json").read_text())
-    options = report["options"]
-    if options["model"] not in DEMO_MODELS:
-        sys.exit(f"{directory} holds a {options['model']} program; this benchmark compares the demo model with its own GGUF file")
-    wanted = rotation or default_rotation(options["model"])
-    if Path(options["rotation"]).name != Path(wanted).name:  # a rotation file's directory depends on the checkout
-        sys.exit(f"{directory} was exported with --rotation {options['rotation']}, not {wanted}")
-    if lm_head and options["lm_head"] != lm_head:
-        sys.exit(f"{directory} was exported with --lm-head {options['lm_head']}, not {lm_head}")
+    made = report["options"]
+    if made["model"] not in DEMO_MODELS:
+        sys.exit(f"{directory} holds a {made['model']} program; this benchmark compares the demo model with its own GGUF file")
+    wanted = rotation or default_rotation(made["model"])
+    if Path(made["rotation"]).name != Path(wanted).name:  # a rotation file's directory depends on the checkout
+        sys.exit(f"{directory} was exported with --rotation {made['rotation']}, not {wanted}")
+    for name, value in options.items():
+        if made.get(name) != value:
+            sys.exit(f"{directory} was exported with --{name.replace('_', '-')} {made.get(name)}, not {value}")
     return report
 
 

@@ -3,7 +3,8 @@
     python benchmarks/vs_optimum.py --optimum /work/optimum-demo
 
 Programs: our default export (`python -m export.to_pte`: learned rotation + online Hadamard, 8da4w g32,
-8da8w lm_head), the same with `--lm-head 8da4w` (a 4-bit lm_head, as optimum's), and optimum's program
+8da8w lm_head), the same with `--lm-head 8da4w` (a 4-bit lm_head, as optimum's) and with `--kv-cache int8`
+(its int8 KV cache and R3 against the float one), and optimum's program
 (benchmarks/optimum_program.sh makes it, in a venv of its own). A missing export of ours is made first.
 Every program is driven the same way, by ExecuTorch's own C++ TextLLMRunner (the runner of its Android
 and iOS demo apps, through executorch's Python bindings) in this environment's runtime, each in a
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--optimum", type=Path, default=Path("/work/optimum-demo"), help="directory of optimum's program (benchmarks/optimum_program.sh)")
     p.add_argument("--pte", type=Path, default=Path("out/demo"), help="our default export (exported here if it has no model.pte)")
     p.add_argument("--pte-lm-head-4bit", type=Path, default=Path("out/demo-lm-head-8da4w"), help="our export with --lm-head 8da4w (likewise)")
+    p.add_argument("--pte-kv-int8", type=Path, default=Path("out/demo-kv-int8"), help="our export with --kv-cache int8 (likewise)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -53,13 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def our_program(row_id: str, directory: Path, lm_head: str | None) -> dict:
+def our_program(row_id: str, directory: Path, options: dict[str, str] | None = None) -> dict:
     """One of our programs as a row: exported if missing, and refused if it is not what ships."""
-    report = ensure_export(directory, None, lm_head)
+    report = ensure_export(directory, None, options)
     o = report["options"]
     if o["full_logits"]:  # its prefill would run the lm_head at every prompt position
         sys.exit(f"{directory} was exported with --full-logits; this benchmark times the program that ships")
-    label = f"ours: {o['qlinear']} g{o['group_size']}, lm_head {o['lm_head']}, rotation {Path(o['rotation']).stem} (`{directory}`)"
+    kv = f", KV cache {o['kv_cache']}{' + R3' if report['rotation']['r3'] else ''}" if "kv_cache" in o else ""
+    label = f"ours: {o['qlinear']} g{o['group_size']}, lm_head {o['lm_head']}{kv}, rotation {Path(o['rotation']).stem} (`{directory}`)"
     return dict(id=row_id, label=label, path=str(directory / "model.pte"), tokenizer=str(directory / "tokenizer.json"))
 
 
@@ -171,6 +174,14 @@ def ratio_lines(rows: list[dict], quotients: list[dict]) -> list[str]:
     return lines
 
 
+def kv_int8_lines(rows: list[dict]) -> list[str]:
+    """The int8 KV cache's decode over the float one's, per thread count (issue 19's bar: at least 0.95×)."""
+    speed = {(r["id"], r["threads"]): r["decode_tokens_per_s"] for r in rows}
+    return [f"- {threads_text(t)}: int8 KV decode ÷ float32 KV decode {speed['ours_kv_int8', t] / speed['ours', t]:.2f}× "
+            f"({'meets' if speed['ours_kv_int8', t] >= 0.95 * speed['ours', t] else 'BELOW'} the 0.95× bar)."
+            for (i, t) in speed if i == "ours" and ("ours_kv_int8", t) in speed]
+
+
 def instructions_table(programs: list[dict], instructions: dict[str, Counter], logits: dict[str, list[int]]) -> list[str]:
     """Per program, what one forward call executes (where the time between XNNPACK's GEMMs goes), and the logits it returns."""
     kinds = sorted({k for c in instructions.values() for k in c}, key=lambda k: -max(c[k] for c in instructions.values()))
@@ -209,6 +220,10 @@ def markdown(command: str, meta: dict, programs: list[dict], rows: list[dict], q
         "",
         *ratio_lines(rows, quotients),
         "",
+        "Our int8 KV cache (with R3) against our float32 one, in the same run:",
+        "",
+        *kv_int8_lines(rows),
+        "",
         "## What one forward call executes",
         "",
         "Read from each program (the same for a prefill and a decode call): the runtime's kernel calls by operator, and each "
@@ -224,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/vs_optimum.py", *(sys.argv[1:] if argv is None else argv)])
     load_start = os.getloadavg()[0]
-    ours = [our_program("ours", args.pte, None), our_program("ours_lm_head_4bit", args.pte_lm_head_4bit, "8da4w")]
+    ours = [our_program("ours", args.pte), our_program("ours_lm_head_4bit", args.pte_lm_head_4bit, {"lm_head": "8da4w"}),
+            our_program("ours_kv_int8", args.pte_kv_int8, {"kv_cache": "int8"})]
     theirs, made = optimum_program(args.optimum, json.loads((args.pte / "export_report.json").read_text())["options"]["model"])
     programs = [*ours, theirs]
     plans = {p["id"]: forward_plan(Path(p["path"])) for p in programs}

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +33,8 @@ from spinquant.metrics import perplexity_of
 from spinquant.quant import QuantConfig, setting
 from spinquant.rotation import LEARNED_ROTATIONS
 
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE_PROMPT, PROFILE_STEPS = 128, 16
 # name: (export flags or None for fake quantization alone, fake-quant setting)
 ROWS: dict[str, tuple[list[str] | None, QuantConfig]] = {
     "fp32 KV": (["--kv-cache", "fp32"], setting("w4a8-export")),
@@ -61,14 +64,31 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device.startswith("cuda") else "this CPU"
 
 
+def program_dir(work_dir: Path, name: str) -> Path:
+    return work_dir / name.replace(" ", "_").replace(",", "")
+
+
 def program(model: str, name: str, work_dir: Path, text: str, max_windows: int) -> dict:
     from runner.pte import PteProgram  # ExecuTorch's runtime: not on a GPU machine that runs the fake quantization alone
 
-    out = work_dir / name.replace(" ", "_").replace(",", "")
+    out = program_dir(work_dir, name)
     report = export(model, ROWS[name][0], out)
     pte, windows = PteProgram(out / "model.pte"), token_windows(AutoTokenizer.from_pretrained(out), text, 2048, max_windows)
-    return dict(kv_cache_bytes=report["kv_cache_bytes"], planned_memory_bytes=report["planned_memory_bytes"]["forward"],
+    return dict(kv_cache_bytes=report["memory_plan_parts"]["kv_cache"], planned_memory_bytes=report["planned_memory_bytes"]["forward"],
                 verify=report["verify"], pte_perplexity=perplexity_of(pte.prefill_logits, windows))
+
+
+def decode_profile(pte: Path, prompt: list[int]) -> dict:
+    """benchmarks/decode_profile.py's ETDump of PROFILE_STEPS decode steps after `prompt`, one thread, in a process of its
+    own: the step's milliseconds, and the attention's and the online Hadamard's (R4 and R3) inside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec.write_text(json.dumps(dict(path=str(pte), prompt_ids=prompt, steps=PROFILE_STEPS, threads=1)))
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_profile.py"), str(spec), str(result)], check=True)
+        times = json.loads(result.read_text())
+    ms = lambda *names: sum(o["ms"] for o in times["operators"] if o["operator"] in names)  # noqa: E731
+    return dict(step_ms=times["step_ms"], sdpa_ms=ms("llama::custom_sdpa.out", "llama::custom_quantized_sdpa.out"),
+                hadamard_ms=ms("spinquant::hadamard_transform.out"), load_average=os.getloadavg()[0])
 
 
 def markdown(results: dict, command: str) -> str:
@@ -102,6 +122,17 @@ def markdown(results: dict, command: str) -> str:
         else:
             program = f"— | — | — | — | {fq:.2f} | —"
         lines.append(f"| {kv} | {r3 or 'n/a'} | {program} |")
+    lines += ["", "## Where a decode step goes", "",
+              f"ETDump of {PROFILE_STEPS} decode steps after a {PROFILE_PROMPT}-token prompt (the first window's tokens), one thread, "
+              "each program in a process of its own (benchmarks/decode_profile.py; median step). The step's milliseconds move "
+              "with other jobs on the machine (its 1-minute load average when each profile ended is shown); the shares within a step much less.", "",
+              "| KV cache | R3 | step ms | attention (SDPA) ms | share | online Hadamard (R4, R3) ms | share | load average |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in ((n, results["rows"][n]) for n in ROWS if "decode_profile" in results["rows"].get(n, {})):
+        kv, _, r3 = name.partition(", ")
+        p = r["decode_profile"]
+        lines.append(f"| {kv} | {r3 or 'n/a'} | {p['step_ms']:.1f} | {p['sdpa_ms']:.2f} | {p['sdpa_ms'] / p['step_ms']:.1%} | "
+                     f"{p['hadamard_ms']:.3f} | {p['hadamard_ms'] / p['step_ms']:.2%} | {p['load_average']:.1f} |")
     lines += ["", "## What the table shows", ""] + [f"- {line}" for line in findings(results["rows"])]
     return "\n".join(lines) + "\n"
 
@@ -155,6 +186,11 @@ def main() -> None:
             write_json_atomic(json_path, results)
         if ROWS[name][0] is not None and "pte_perplexity" not in row and not args.skip_programs:
             row.update(program(args.model, name, args.work_dir, text, args.max_windows))
+            write_json_atomic(json_path, results)
+        if "pte_perplexity" in row and "decode_profile" not in row:
+            out = program_dir(args.work_dir, name)
+            prompt = token_windows(AutoTokenizer.from_pretrained(out), text, 2048, 1)[0, :PROFILE_PROMPT].tolist()
+            row["decode_profile"] = decode_profile(out / "model.pte", prompt)
             write_json_atomic(json_path, results)
     if not args.skip_programs:
         write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())

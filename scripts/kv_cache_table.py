@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,12 @@ def decode_profile(pte: Path, prompt: list[int]) -> dict:
                 hadamard_ms=ms("spinquant::hadamard_transform.out"), load_average=os.getloadavg()[0])
 
 
+def kv_and_r3(name: str) -> tuple[str, str]:
+    """A row's name as its two columns: "int4 K, int8 V, R3" → ("int4 K, int8 V", "R3"); "fp32 KV" → ("fp32 KV", "n/a")."""
+    kv, _, r3 = name.rpartition(", ")
+    return (kv, r3) if kv else (name, "n/a")
+
+
 def markdown(results: dict, command: str) -> str:
     lines = [
         "# SmolLM2-135M-Instruct: the program's KV cache in float32 and int8, with and without R3",
@@ -113,7 +120,7 @@ def markdown(results: dict, command: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in ((n, results["rows"][n]) for n in ROWS if "fake_quant_perplexity" in results["rows"].get(n, {})):
-        kv, _, r3 = name.partition(", ")
+        kv, r3 = kv_and_r3(name)
         fq = r["fake_quant_perplexity"]
         if "pte_perplexity" in r:
             v = r["verify"]
@@ -121,7 +128,7 @@ def markdown(results: dict, command: str) -> str:
                        f"{r['pte_perplexity']:.2f} | {fq:.2f} | {r['pte_perplexity'] / fq - 1:+.2%}")
         else:
             program = f"— | — | — | — | {fq:.2f} | —"
-        lines.append(f"| {kv} | {r3 or 'n/a'} | {program} |")
+        lines.append(f"| {kv} | {r3} | {program} |")
     lines += ["", "## Where a decode step goes", "",
               f"ETDump of {PROFILE_STEPS} decode steps after a {PROFILE_PROMPT}-token prompt (the first window's tokens), one thread, "
               "each program in a process of its own (benchmarks/decode_profile.py; median step). The step's milliseconds move "
@@ -129,9 +136,9 @@ def markdown(results: dict, command: str) -> str:
               "| KV cache | R3 | step ms | attention (SDPA) ms | share | online Hadamard (R4, R3) ms | share | load average |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in ((n, results["rows"][n]) for n in ROWS if "decode_profile" in results["rows"].get(n, {})):
-        kv, _, r3 = name.partition(", ")
+        kv, r3 = kv_and_r3(name)
         p = r["decode_profile"]
-        lines.append(f"| {kv} | {r3 or 'n/a'} | {p['step_ms']:.1f} | {p['sdpa_ms']:.2f} | {p['sdpa_ms'] / p['step_ms']:.1%} | "
+        lines.append(f"| {kv} | {r3} | {p['step_ms']:.1f} | {p['sdpa_ms']:.2f} | {p['sdpa_ms'] / p['step_ms']:.1%} | "
                      f"{p['hadamard_ms']:.3f} | {p['hadamard_ms'] / p['step_ms']:.2%} | {p['load_average']:.1f} |")
     lines += ["", "## What the table shows", ""] + [f"- {line}" for line in findings(results["rows"])]
     return "\n".join(lines) + "\n"
@@ -151,6 +158,13 @@ def findings(rows: dict) -> list[str]:
         out.append(f"KV cache bytes: {base['kv_cache_bytes']:,} float32 against {r3['kv_cache_bytes']:,} int8, "
                    f"{base['kv_cache_bytes'] / r3['kv_cache_bytes']:.2f}× smaller (int8 values plus a float32 scale and an int8 "
                    "zero point per head row).")
+    if base and r3 and "decode_profile" in base and "decode_profile" in r3:
+        sdpa, step = (r3["decode_profile"][k] / base["decode_profile"][k] for k in ("sdpa_ms", "step_ms"))
+        out.append(f"A decode step with the int8 cache takes {step:.2f}× the float one's, its attention {sdpa:.1f}×: ExecuTorch's "
+                   "custom_quantized_sdpa computes q·k and the values with torchao's int8 matmul kernels, which are NEON code on "
+                   "arm64 and a scalar fallback on x86 (torchao's kernels/cpu/fallback), the path this CPU takes.")
+        out.append(f"The online Hadamard transforms (R4 and R3) take {r3['decode_profile']['hadamard_ms'] / r3['decode_profile']['step_ms']:.2%} "
+                   "of the int8 program's decode step (the bar is 3%).")
     for bits in ("int8 KV", "int4 K/V", "int4 K, int8 V"):
         on, off = rows.get(f"{bits}, R3"), rows.get(f"{bits}, no R3")
         if on and off:
@@ -174,7 +188,7 @@ def main() -> None:
     text = read_text(args.text)
     json_path = args.output.with_suffix(".json")
     results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
-    command = ("python scripts/kv_cache_table.py " + " ".join(sys.argv[1:])).strip()
+    command = shlex.join(["python", "scripts/kv_cache_table.py", *sys.argv[1:]])
     results.update(text=os.path.relpath(args.text), text_sha256=text_sha256(text), max_windows=args.max_windows,
                    commands=list(dict.fromkeys([*results.get("commands", []), command])))
     if not args.skip_programs:

@@ -125,10 +125,7 @@ def load_engine(spec: dict) -> tuple[object, dict]:
         # Before the program loads: XNNPACK takes the threadpool when its delegate initialises.
         portable_lib._unsafe_reset_threadpool(threads)
         program = PteProgram(Path(spec["path"]))
-        # The memory plan holds the output for the longest prompt the program takes: part of its RSS.
-        logits = program.loaded.program.metadata("forward").output_tensor_meta(0)
-        info = {"threads_in_effect": portable_lib._threadpool_get_thread_count(), "planned_logits_mb": logits.nbytes() / 2**20}
-        return program, info
+        return program, {"threads_in_effect": portable_lib._threadpool_get_thread_count()}
     if spec["engine"] == "hf":
         return HfEager(spec["path"]), {"threads_in_effect": torch.get_num_threads()}
     if spec["engine"] == "llamacpp":

@@ -233,14 +233,6 @@ def bound_section(bounds: list[dict], parts: dict) -> list[str]:
     return lines
 
 
-def rss_note(rows: list[dict]) -> list[str]:
-    planned = next((r["planned_logits_mb"] for r in rows if "planned_logits_mb" in r), None)
-    if planned is None:
-        return []
-    return [f"The .pte's peak RSS includes ExecuTorch's memory plan, sized for the longest prompt the program takes: "
-            f"its logits output alone is {planned:.0f} MiB, allocated when the program loads.", ""]
-
-
 def summary_lines(s: dict) -> list[str]:
     lines = []
     for t, v in s.items():
@@ -293,15 +285,14 @@ def markdown(args_line: str, meta: dict, rows: list[dict], bounds: list[dict], p
         f"Prompt {meta['prompt_tokens']} tokens, then {meta['new_tokens']} new tokens, greedy, end tokens ignored; "
         f"median of {meta['repeats']} runs after {meta['warmup']} warm-up run(s); every row in its own process, "
         "timed by the same loop (runner.generate's generate()). Prefill: prompt in → first token chosen; "
-        "decode: each later token. The .pte's forward returns logits for every prompt position; llama.cpp and "
-        "transformers compute the last one only. The .pte's threads are ExecuTorch's threadpool "
+        "decode: each later token. Every engine computes the last prompt position's logits only. The .pte's peak RSS "
+        "includes ExecuTorch's memory plan, allocated when the program loads (results/memory.md splits it). The .pte's threads are ExecuTorch's threadpool "
         "(`portable_lib._unsafe_reset_threadpool`), transformers' are `torch.set_num_threads`, llama.cpp's "
         "`n_threads`/`n_threads_batch`. Cores busy: the process's CPU seconds per wall second over the timed runs "
         "(a pool that spins while it waits counts; each thread's seconds are in the .json).",
         "",
         *results_table(rows + bounds),
         "",
-        *rss_note(rows),
         *summary_lines(s),
         "",
         *bound_section(bounds, parts),

@@ -13,17 +13,16 @@ Writes results/export_smollm2.json (resumable) and results/export_smollm2.md.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from pte_tables import full_logits_export, resumed_results
 from transformers import AutoTokenizer
 
 from export.verify import PROMPT
 from runner.generate import generate
 from runner.pte import PteProgram
-from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.environment import describe_environment, environment_line
 from spinquant.eval import evaluate
 from spinquant.files import write_atomic, write_json_atomic
@@ -40,16 +39,9 @@ def rotation_spec(model: str, rotation: str) -> str:
     return str(LEARNED_ROTATIONS[model]) if rotation == "learned" else rotation
 
 
-def export(model: str, rotation: str, out: Path) -> tuple[dict, float]:
-    start = time.time()
-    cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--rotation", rotation, "--full-logits", "--output-dir", str(out)]
-    subprocess.run(cmd, check=True)
-    return json.loads((out / "export_report.json").read_text()), time.time() - start
-
-
 def measure(model: str, rotation: str, out: Path, text: str, max_windows: int) -> dict:
     rotation = rotation_spec(model, rotation)
-    report, wall = export(model, rotation, out)
+    report, wall = full_logits_export(out, "--model", model, "--rotation", rotation)
     program = PteProgram(out / "model.pte")
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompt = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
@@ -152,9 +144,8 @@ def main() -> None:
     args = p.parse_args()
     text = read_text(args.text)
     json_path = args.output.with_suffix(".json")
-    results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
-    results.update(text=os.path.relpath(args.text), text_sha256=text_sha256(text), max_windows=args.max_windows,
-                   environment=environment_line(), environment_detail=describe_environment())
+    results = resumed_results(json_path, args.text, text, args.max_windows)
+    results.update(environment=environment_line(), environment_detail=describe_environment())
     command = ("python scripts/export_table.py " + " ".join(sys.argv[1:])).strip()
     for rotation in args.rotations:
         if rotation not in results["rows"]:

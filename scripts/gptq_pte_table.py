@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from gptq_table import markdown, pte_parts
+from pte_tables import full_logits_export
 from transformers import AutoTokenizer
 
 from runner.pte import PteProgram
@@ -34,21 +35,11 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 EXPORT_TABLE_ROWS = {"none": "none", "hadamard": "hadamard", "learned": "learned"}
 
 
-def export(model: str, rotation: str, gptq_file: Path, out: Path) -> dict:
-    """`python -m export.to_pte` in a fresh process, as the export table runs it, plus --gptq-file."""
-    start = time.time()
-    cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--rotation", rotation,
-           "--gptq-file", str(gptq_file), "--full-logits", "--output-dir", str(out)]
-    subprocess.run(cmd, check=True)
-    report = json.loads((out / "export_report.json").read_text())
-    return dict(report=report, wall_seconds=round(time.time() - start, 1))
-
-
 def measure(results: dict, rotation: str, args: argparse.Namespace) -> dict:
     spec = {"none": "none", "hadamard": "hadamard", **results["learned"]}[rotation]
     gptq_file = args.gptq_dir / f"{rotation}_{args.method}.pt"
     out = args.work_dir / args.method / rotation
-    exported = export(results.get("model", "smollm2-135m"), spec, gptq_file, out)
+    report, wall = full_logits_export(out, "--model", results.get("model", "smollm2-135m"), "--rotation", spec, "--gptq-file", str(gptq_file))
     program = PteProgram(out / "model.pte")
     text = read_text(Path(results["text"]))
     if text_sha256(text) != results["text_sha256"]:
@@ -56,10 +47,9 @@ def measure(results: dict, rotation: str, args: argparse.Namespace) -> dict:
     windows = token_windows(AutoTokenizer.from_pretrained(out), text, results["seqlen"], results["max_windows"], results.get("first_window", 0))
     start = time.time()
     ppl = perplexity_of(program.prefill_logits, windows)
-    report = exported["report"]
     return dict(
         gptq_file=str(gptq_file), rotation=spec, pte_perplexity=ppl, perplexity_seconds=round(time.time() - start, 1),
-        export_seconds=report["export_seconds"], wall_seconds=exported["wall_seconds"], verify=report["verify"],
+        export_seconds=report["export_seconds"], wall_seconds=round(wall, 1), verify=report["verify"],
         pte_bytes=report["pte_bytes"],
     )
 

@@ -24,9 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from pte_tables import full_logits_export, resumed_results
 from transformers import AutoTokenizer
 
-from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.environment import describe_environment, environment_line
 from spinquant.eval import evaluate
 from spinquant.files import write_atomic, write_json_atomic
@@ -48,12 +49,6 @@ ROWS: dict[str, tuple[list[str] | None, QuantConfig]] = {
 }
 
 
-def export(model: str, flags: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "export.to_pte", "--model", model, "--full-logits", "--output-dir", str(out), *flags]
-    subprocess.run(cmd, check=True)
-    return json.loads((out / "export_report.json").read_text())
-
-
 def fake_quant(model: str, name: str, text: str, max_windows: int, device: str) -> dict:
     qc = ROWS[name][1]
     windows_of = lambda tokenizer: token_windows(tokenizer, text, 2048, max_windows)  # noqa: E731
@@ -73,7 +68,7 @@ def program(model: str, name: str, work_dir: Path, text: str, max_windows: int) 
     from runner.pte import PteProgram  # ExecuTorch's runtime: not on a GPU machine that runs the fake quantization alone
 
     out = program_dir(work_dir, name)
-    report = export(model, ROWS[name][0], out)
+    report, _ = full_logits_export(out, "--model", model, *ROWS[name][0])
     pte, windows = PteProgram(out / "model.pte"), token_windows(AutoTokenizer.from_pretrained(out), text, 2048, max_windows)
     return dict(kv_cache_bytes=report["memory_plan_parts"]["kv_cache"], planned_memory_bytes=report["planned_memory_bytes"]["forward"],
                 verify=report["verify"], pte_perplexity=perplexity_of(pte.prefill_logits, windows))
@@ -187,10 +182,9 @@ def main() -> None:
     args = p.parse_args()
     text = read_text(args.text)
     json_path = args.output.with_suffix(".json")
-    results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
+    results = resumed_results(json_path, args.text, text, args.max_windows)
     command = shlex.join(["python", "scripts/kv_cache_table.py", *sys.argv[1:]])
-    results.update(text=os.path.relpath(args.text), text_sha256=text_sha256(text), max_windows=args.max_windows,
-                   commands=list(dict.fromkeys([*results.get("commands", []), command])))
+    results["commands"] = list(dict.fromkeys([*results.get("commands", []), command]))
     if not args.skip_programs:
         results.update(environment=environment_line(), environment_detail=describe_environment())
     for name in args.rows:

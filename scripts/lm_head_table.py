@@ -13,18 +13,16 @@ Writes results/lm_head_4bit.json (resumable: rows already there are kept) and re
 """
 
 import argparse
-import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
+from pte_tables import full_logits_export, resumed_results
 from transformers import AutoTokenizer
 
 from export.options import ExportOptions
 from runner.pte import PteProgram
-from spinquant.data import evaluation_text, read_text, text_sha256, token_windows
+from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.environment import environment_line
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.metrics import perplexity_of
@@ -50,16 +48,8 @@ def make_gptq_file(path: Path) -> dict:
     return dict(file=str(path), **model.spinquant.gptq.describe())
 
 
-def export(lm_head: str, gptq_file: Path | None, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "export.to_pte", "--lm-head", lm_head, "--full-logits", "--output-dir", str(out)]
-    if gptq_file:
-        cmd += ["--gptq-file", str(gptq_file)]
-    subprocess.run(cmd, check=True)
-    return json.loads((out / "export_report.json").read_text())
-
-
 def measure(lm_head: str, gptq_file: Path | None, out: Path, text: str, max_windows: int) -> dict:
-    report = export(lm_head, gptq_file, out)
+    report, _ = full_logits_export(out, "--lm-head", lm_head, *(["--gptq-file", str(gptq_file)] if gptq_file else []))
     windows = token_windows(AutoTokenizer.from_pretrained(out), text, 2048, max_windows)
     return dict(
         lm_head=lm_head, gptq_file=str(gptq_file) if gptq_file else None, pte_perplexity=perplexity_of(PteProgram(out / "model.pte").prefill_logits, windows),
@@ -116,9 +106,8 @@ def main() -> None:
     args = p.parse_args()
     text = read_text(args.text)
     json_path = args.output.with_suffix(".json")
-    results = json.loads(json_path.read_text()) if json_path.exists() else {"rows": {}}
-    results.update(text=os.path.relpath(args.text), text_sha256=text_sha256(text), max_windows=args.max_windows,
-                   environment=environment_line())
+    results = resumed_results(json_path, args.text, text, args.max_windows)
+    results.update(environment=environment_line())
     command = shlex.join(["python", "scripts/lm_head_table.py", *sys.argv[1:]])
     gptq_file = args.work_dir / "gptq.pt"
     for name in (n for n in args.rows if n not in results["rows"]):

@@ -3,8 +3,8 @@
 transformers' static-cache wrapper traces the whole generic attention stack (mask builders,
 cache classes, repeat_kv) into about 160 graph nodes per layer, and ExecuTorch's lowering passes
 cost time per node. Reusing the model's norms, linears, MLP and rotary embedding but calling
-`llama::update_cache` and `llama::custom_sdpa` (the ops ExecuTorch's own Llama export uses,
-with fast CPU kernels and GQA built in) keeps the graph small and the runtime fast.
+`llama::update_cache` (the op ExecuTorch's own Llama export uses) and our `spinquant::attend_kv_cache`
+(GQA and the causal mask built in; export/kv_cache.py) keeps the graph small and the runtime fast.
 
 q/k/v and gate/up read the same input, so each set runs as one linear whose output rows (and
 biases, for Llamas with attention_bias or mlp_bias) are theirs stacked: per-token activation scales
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from export.kv_cache import kv_cache_module
+from export.kv_cache import KVCache
 from export.per_token_ops import per_token_linear
 from spinquant.rotation import head_dim
 
@@ -63,7 +63,7 @@ class CachedAttention(nn.Module):
         self.k_norm = RMSNorm(attn.k_norm) if hasattr(attn, "k_norm") else None
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.online_r3 = getattr(attn, "online_r3", False)
-        self.cache = kv_cache_module(kv, max_seq_len, n_kv_heads, head_dim, attn.scaling)
+        self.cache = KVCache(kv, max_seq_len, n_kv_heads, head_dim, attn.scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         seq, heads, kv_heads = x.shape[1], self.n_heads, self.n_kv_heads

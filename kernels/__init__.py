@@ -1,8 +1,9 @@
-"""The `spinquant::hadamard_transform` operator's C++ ExecuTorch kernel (cpu/, built and loaded by
-build.py). Its PyTorch side (eager, fake, autograd, out variant) is spinquant/hadamard_op.py, which
-the rotation code uses without a compiler and the kernel's tables and tests are checked against.
+"""Our operators' C++ ExecuTorch kernels (cpu/, built and loaded by build.py): `spinquant::hadamard_transform`,
+whose PyTorch side (eager, fake, autograd, out variant) is spinquant/hadamard_op.py, which the rotation code uses
+without a compiler, and the KV cache's `spinquant::quantize_kv_rows` and `spinquant::attend_kv_cache`, whose PyTorch
+side is kv_cache_ops.py.
 
-Importing this package registers torch.ops.spinquant.hadamard_transform.
+Importing this package registers them in torch.ops.spinquant.
 """
 
 from spinquant.quiet import silence_known_noise
@@ -10,6 +11,7 @@ from spinquant.quiet import silence_known_noise
 silence_known_noise()  # first: before any module here imports torchao or executorch
 
 from spinquant import hadamard_op  # noqa: F401  (registers the operator: its Python side)
+from kernels import kv_cache_ops  # noqa: F401
 from kernels.build import build_library, load_into_executorch_runtime, load_program
 
 __all__ = ["build_library", "load_into_executorch_runtime", "load_program"]

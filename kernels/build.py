@@ -166,8 +166,8 @@ def load_into_executorch_runtime() -> Path:
 
 
 def needs_our_kernels(program: bytes) -> bool:
-    """Whether a serialized program calls our operator (operator names are stored as plain text)."""
-    return b"spinquant::hadamard_transform" in program
+    """Whether a serialized program calls one of our operators (operator names are stored as plain text)."""
+    return b"spinquant::" in program
 
 
 @dataclass
@@ -196,7 +196,7 @@ def load_program(program: Path | bytes) -> LoadedProgram:
     except RuntimeError as e:
         data = program if isinstance(program, bytes) else Path(program).read_bytes()
         if needs_our_kernels(data) and OPERATOR not in runtime.operator_registry.operator_names:
-            raise UserError(f"the program needs {OPERATOR}, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
+            raise UserError(f"the program needs our spinquant:: kernels, which ExecuTorch's runtime does not have: {LOAD_HINT}") from e
         raise
     return LoadedProgram(loaded, methods)
 

@@ -1,4 +1,4 @@
-"""The one place inside attention where SpinQuant acts: online R3 on queries/keys and Q/K/V fake-quant.
+"""The one place inside attention where SpinQuant acts: online R3 on queries/keys and K/V fake-quant.
 
 Both happen after RoPE and on the full K/V of the cache, which transformers' attention hook
 receives; everything else is transformers' own SDPA attention.
@@ -18,8 +18,6 @@ def spinquant_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     if getattr(module, "online_r3", False):
         # The same orthonormal H on q and k leaves q·kᵀ unchanged and spreads k's outliers before quantization.
         query, key = hadamard_transform(query), hadamard_transform(key)
-    if (quantize_query := getattr(module, "quantize_query", None)) is not None:
-        query = quantize_query(query)
     if (quantize_key := getattr(module, "quantize_key", None)) is not None:
         key = quantize_key(key)
     if (quantize_value := getattr(module, "quantize_value", None)) is not None:

@@ -89,7 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--a-clip", type=float)
     p.add_argument("--k-bits", type=int)
     p.add_argument("--v-bits", type=int)
-    p.add_argument("--q-bits", type=int, help="queries, quantized as keys (the program's int8 SDPA takes int8 queries)")
     p.add_argument("--kv-group", type=int, help="0 = one scale per head")
     p.add_argument("--no-r3", action="store_true", help="quantized K/V without R3 (the online Hadamard on queries and keys)")
     p.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized as the decoder's linears")
@@ -137,7 +136,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     """The named setting with every flag given on the command line applied on top."""
     values = dict(
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_clip=args.a_clip,
-        k_bits=args.k_bits, v_bits=args.v_bits, q_bits=args.q_bits, kv_group=args.kv_group, r3=False if args.no_r3 else None,
+        k_bits=args.k_bits, v_bits=args.v_bits, kv_group=args.kv_group, r3=False if args.no_r3 else None,
         w_sym=False if args.w_asym else None, w_clip_search=args.w_clip_search or None,
         a_sym=args.a_sym or None,
     )

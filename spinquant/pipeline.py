@@ -81,7 +81,7 @@ def prepare(
     if not each_part:
         quantize(model, quant, result)
     if isinstance(quant, ProgramQuant):
-        use_kv_quantization(model, quant.kv_fake_quant())  # the eager model computes the program's int8 Q/K/V
+        use_kv_quantization(model, quant.kv_fake_quant())  # the eager model computes the program's int8 K/V
     model.spinquant = Prepared(spec, rotations, quant, result)
     return model
 

@@ -33,9 +33,8 @@ class QuantConfig:
     a_clip: float = 1.0
     k_bits: int = 16
     v_bits: int = 16
-    q_bits: int = 16  # queries, quantized as keys are (the program's int8 SDPA takes int8 queries)
     kv_group: int = 64  # 0: a whole head
-    kv_sym: bool = False
+    kv_sym: bool = False  # symmetric K/V map max|x| to qmax (llama.cpp's q8_0 and the program's int8 cache)
     r3: bool = True  # where K/V are quantized, queries and keys are turned by an online Hadamard after RoPE
     w_scale_dtype: str = "fp32"  # of group-wise weight scales; "bf16" as the export stores them (per-channel stay fp32)
     lm_head_bits: int = 16  # lm_head's weight, symmetric in groups of lm_head_group; its input at a_bits
@@ -65,8 +64,8 @@ SETTINGS = {
     # What `python -m export.to_pte` writes by default: 8da4w g32 with bf16 scales, 8da8w lm_head, 8-bit embedding.
     "w4a8-export": QuantConfig(w_bits=4, a_bits=8, w_scale_dtype="bf16", lm_head_bits=8, embedding_bits=8),
 }
-# The program's int8 KV cache (export/kv_cache.py): queries, keys and values asymmetric int8, one scale per token and head.
-PROGRAM_INT8_KV = dict(q_bits=8, k_bits=8, v_bits=8, kv_group=0, kv_sym=False)
+# The program's int8 KV cache (export/kv_cache.py): keys and values symmetric int8, one scale per token and head.
+PROGRAM_INT8_KV = dict(k_bits=8, v_bits=8, kv_group=0, kv_sym=True)
 SETTINGS["w4a8-export-kv8"] = dataclasses.replace(SETTINGS["w4a8-export"], **PROGRAM_INT8_KV)
 
 
@@ -81,14 +80,16 @@ def _qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def _scale_and_zero(x: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor | float):
-    """x grouped in its last dimension; qparams per group, as torchao's choose_qparams_affine."""
+def _scale_and_zero(x: torch.Tensor, bits: int, symmetric: bool, clip: torch.Tensor | float, narrow: bool = False):
+    """x grouped in its last dimension; qparams per group, as torchao's choose_qparams_affine. `narrow` symmetric
+    maps max|x| to qmax, as llama.cpp's q8_0 does: torchao's (qmax − qmin) / 2 puts a row's negative extreme on a
+    rounding tie (-127.5), where float noise in x decides between -128 and -127."""
     qmin, qmax = _qrange(bits)
     eps = torch.finfo(x.dtype).smallest_normal
     lo = torch.clamp(x.amin(-1, keepdim=True), max=0) * clip
     hi = torch.clamp(x.amax(-1, keepdim=True), min=0) * clip
     if symmetric:
-        scale = torch.clamp(torch.maximum(-lo, hi) / ((qmax - qmin) / 2), min=eps)
+        scale = torch.clamp(torch.maximum(-lo, hi) / (qmax if narrow else (qmax - qmin) / 2), min=eps)
         return scale, torch.zeros_like(scale)
     scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
     zero = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
@@ -121,7 +122,7 @@ def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def fake_quantize(
     x: torch.Tensor, bits: int, group: int = 0, symmetric: bool = False, clip: float = 1.0, ste: bool = False,
-    scale_dtype: torch.dtype | None = None,
+    scale_dtype: torch.dtype | None = None, narrow: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize x in groups of `group` along its last dimension (0 = whole rows).
 
@@ -130,7 +131,7 @@ def fake_quantize(
     if bits >= 16:
         return x
     g = _grouped(x, group)
-    scale, zero = _scale_and_zero(g, bits, symmetric, clip)
+    scale, zero = _scale_and_zero(g, bits, symmetric, clip, narrow)
     return _quant_dequant(g, scale, zero, bits, ste, scale_dtype).flatten(-2)
 
 
@@ -173,7 +174,7 @@ def lm_head_config(qc: QuantConfig) -> QuantConfig:
     return dataclasses.replace(qc, w_bits=qc.lm_head_bits, w_group=qc.lm_head_group, w_sym=True, w_clip_search=False)
 
 
-def activation_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0, ste: bool = False):
+def activation_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0, ste: bool = False, narrow: bool = False):
     """x ↦ fake_quantize(x) at these settings, computed in float32 at least (bf16 has 8 bits of mantissa);
     None when `bits` leaves x in float. With `ste`, rounding passes gradients straight through."""
     if bits >= 16:
@@ -181,7 +182,7 @@ def activation_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
         wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        return fake_quantize(wide, bits, group, symmetric, clip, ste=ste).to(x.dtype)
+        return fake_quantize(wide, bits, group, symmetric, clip, ste=ste, narrow=narrow).to(x.dtype)
 
     return quantize
 
@@ -197,13 +198,13 @@ def quantize_input_hook(bits: int, symmetric: bool, clip: float):
 
 
 def use_kv_quantization(model: LlamaForCausalLM, qc: QuantConfig, ste: bool = False) -> None:
-    """Q/K/V fake quantization after RoPE and R3 (spinquant.attention applies it), groups of kv_group within a head."""
+    """K/V fake quantization after RoPE and R3 (spinquant.attention applies it), groups of kv_group within a head."""
     if not qc.quantizes_kv:
         return
     group = min(qc.kv_group, head_dim(model.config))
     for layer in model.model.layers:
-        for name, bits in (("query", qc.q_bits), ("key", qc.k_bits), ("value", qc.v_bits)):
-            setattr(layer.self_attn, f"quantize_{name}", activation_quantizer(bits, group, qc.kv_sym, ste=ste))
+        for name, bits in (("key", qc.k_bits), ("value", qc.v_bits)):
+            setattr(layer.self_attn, f"quantize_{name}", activation_quantizer(bits, group, qc.kv_sym, ste=ste, narrow=True))
     use_spinquant_attention(model)
 
 

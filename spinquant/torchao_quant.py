@@ -49,7 +49,7 @@ class ProgramQuant:
         return self.quantizes_kv and self.r3
 
     def kv_fake_quant(self) -> QuantConfig:
-        """The program's Q/K/V quantization as fake quantization: what the eager model computes beside it."""
+        """The program's K/V quantization as fake quantization: what the eager model computes beside it."""
         return QuantConfig(**PROGRAM_INT8_KV, r3=self.r3) if self.quantizes_kv else QuantConfig()
 
     @classmethod

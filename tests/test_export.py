@@ -235,8 +235,8 @@ def program_operators(pte: Path) -> list[str]:
 
 @pytest.mark.parametrize("r3", [True, False], ids=["r3", "no-r3"])
 def test_an_int8_kv_cache_computes_its_fake_quantization(tiny_hf_dir, tmp_path, r3):
-    """The eager model quantizes queries, keys and values as the program's int8 cache and SDPA do (per token and head,
-    asymmetric), after R3's Hadamard when it is on: the logits agree to float rounding. Float linears: the
+    """The eager model quantizes keys and values as the program's int8 cache does (per token and head, symmetric),
+    after R3's Hadamard when it is on: the logits agree to float rounding. Float linears: the
     quantized ones' last-bit differences between XNNPACK and torchao can move an int8 key at a rounding tie
     (0.007 of logits near 1 here), which the export's own check (a KL bound) allows for."""
     opts = ExportOptions(model=str(tiny_hf_dir), rotation="hadamard", qlinear="none", qembedding="none", lm_head="none",
@@ -244,9 +244,9 @@ def test_an_int8_kv_cache_computes_its_fake_quantization(tiny_hf_dir, tmp_path, 
     report = run(opts.check())
     assert_program_matches_eager(opts, steps=4, tol=1e-5)
     layers, kv_heads, head_dim = 2, 2, 16
-    assert report["memory_plan_parts"]["kv_cache"] == layers * 2 * 32 * kv_heads * (head_dim + 4 + 1)  # int8 values, float32 scale, int8 zero point
+    assert report["memory_plan_parts"]["kv_cache"] == layers * 2 * 32 * kv_heads * (head_dim + 4)  # int8 values, float32 scale
     operators = program_operators(tmp_path / "model.pte")
-    assert operators.count("llama::custom_quantized_sdpa") == layers and "llama::custom_sdpa" not in operators
+    assert operators.count("spinquant::attend_kv_cache") == layers and operators.count("spinquant::quantize_kv_rows") == 2 * layers
     assert operators.count("spinquant::hadamard_transform") == layers * (2 if r3 else 1)  # R4 on down_proj, R3 on q and k together
 
 

@@ -49,7 +49,7 @@ class ExportOptions:
     def check(self) -> "ExportOptions":
         self.rotation = self.rotation or default_rotation(self.model)
         if self.kv_cache == "int4":
-            raise UserError("--kv-cache int4: ExecuTorch's runtime has no int4 KV-cache or SDPA kernels; use int8 "
+            raise UserError("--kv-cache int4: the program's attention kernel reads float32 or int8 rows, not int4; use int8 "
                             "(int4 keys are measured in fake quantization: python -m spinquant.eval --k-bits 4)")
         for name, allowed in (("qlinear", QLINEAR), ("qembedding", QEMBEDDING), ("lm_head", LM_HEAD), ("kv_cache", KV_CACHES), ("dtype", DTYPES)):
             if getattr(self, name) not in allowed:

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--group-size", type=int, help=f"{' | '.join(map(str, GROUP_SIZES))} (default {d.group_size})")
     p.add_argument("--qembedding", help=f"{' | '.join(QEMBEDDING)} (default {d.qembedding})")
     p.add_argument("--lm-head", help=f"{' | '.join(LM_HEAD)} (default {d.lm_head})")
-    p.add_argument("--kv-cache", help=f"{' | '.join(KV_CACHES)}: int8 keeps keys and values as int8 with a scale and zero point per "
-                                      f"token and head, and attends with ExecuTorch's int8 SDPA (default {d.kv_cache})")
+    p.add_argument("--kv-cache", help=f"{' | '.join(KV_CACHES)}: int8 keeps keys and values as int8 with a float32 scale per token "
+                                      f"and head, 3.8x smaller (default {d.kv_cache})")
     p.add_argument("--no-r3", dest="r3", action="store_const", const=False,
                    help="with --kv-cache int8, leave queries and keys unturned (default: R3, the online Hadamard after RoPE)")
     p.add_argument("--max-seq-len", type=int, help=f"KV cache length (default {d.max_seq_len})")

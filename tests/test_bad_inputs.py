@@ -234,7 +234,7 @@ def test_a_gptq_file_that_does_not_fit_is_one_line(case, tiny_hf_dir, decoder_sh
         (["--max-seq-len", "0"], "--max-seq-len 0 is too small; it must be at least 2"),
         (["--prefill-chunk", "0"], "--prefill-chunk must be at least 1, not 0"),
         (["--kv-cache", "int3"], "--kv-cache int3 is not supported; choose one of fp32, int8"),
-        (["--kv-cache", "int4"], "--kv-cache int4: ExecuTorch's runtime has no int4 KV-cache or SDPA kernels; use int8"),
+        (["--kv-cache", "int4"], "--kv-cache int4: the program's attention kernel reads float32 or int8 rows, not int4; use int8"),
         (["--max-seq-len", "4096"], "--max-seq-len 4096 is above the model's context of 256 tokens"),
         (["--group-size", "48"], "--group-size 48 is not supported"),
         (["--rotation", "hadamrd"], "unknown rotation 'hadamrd'"),

@@ -30,9 +30,9 @@ bool is_plain(const Tensor& t) {
   return tensor_is_contiguous(t) && tensor_is_default_dim_order(t);
 }
 
-// Query rows per thread-pool task: about 32k multiply-adds, more than waking a thread costs.
-int64_t grain_rows(int64_t positions, int64_t dim) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, positions * dim));
+// (query row, KV head) tasks per thread-pool task: about 32k multiply-adds, more than waking a thread costs.
+int64_t grain_tasks(int64_t positions, int64_t dim, int64_t group) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, positions * dim * group));
 }
 
 template <typename Row>
@@ -44,14 +44,15 @@ bool attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64
   const Row* keys = k_cache.const_data_ptr<Row>();
   const Row* values = v_cache.const_data_ptr<Row>();
   float* result = out.mutable_data_ptr<float>();
-  const int64_t tasks = batch * seq * heads;
-  return ::executorch::extension::parallel_for(0, tasks, grain_rows(start + seq, dim), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scores(new float[start + seq]);
+  const int64_t tasks = batch * seq * kv_heads;  // each: one query row's heads that share one KV head
+  return ::executorch::extension::parallel_for(0, tasks, grain_tasks(start + seq, dim, group), [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> scores(new float[group * (start + seq)]);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t head = task % heads, i = (task / heads) % seq, b = task / (heads * seq);
-      const int64_t first = (b * slots * kv_heads + head / group) * width;  // position 0 of this head's group
+      const int64_t kv_head = task % kv_heads, i = (task / kv_heads) % seq, b = task / (kv_heads * seq);
+      const int64_t first = (b * slots * kv_heads + kv_head) * width;  // position 0 of this KV head
       const CacheView<Row> cache{keys + first, values + first, start + i + 1, kv_heads * width};
-      attend_row(queries + task * dim, cache, dim, scale, scores.get(), result + task * dim);
+      const int64_t row = task * group * dim;  // q and out are (batch, seq, heads, dim): a KV head's query heads are adjacent
+      attend_group(queries + row, group, cache, dim, scale, scores.get(), result + row);
     }
   });
 }

@@ -38,7 +38,7 @@ MIB = 2**20  # decode_engines.py's RSS numbers are MiB too (its `_mb` keys)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pte", type=Path, default=Path("out/demo"), help="directory of a demo program with its default rotation (the default export is made here if it has no model.pte)")
-    p.add_argument("--pte-kv-int8", type=Path, default=Path("out/demo-kv-int8"), help="the same with --kv-cache int8 (exported here if missing)")
+    p.add_argument("--pte-kv-fp32", type=Path, default=Path("out/demo-kv-fp32"), help="the same with --kv-cache fp32 (exported here if missing)")
     p.add_argument("--gguf", type=Path, help="llama.cpp's model (default: the demo model's own GGUF file)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b-shape", help="the random model at a real model's shapes")
     p.add_argument("--shape-pte", type=Path, default=Path("out/llama-3.2-1b-shape"), help="its default export's directory (exported here if missing)")
@@ -246,10 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
     load_start = os.getloadavg()[0]
     demo_report, shape_report = ensure_export(args.pte, None), ensure_shape_export(args.shape_pte, args.shape)
-    int8_report = ensure_export(args.pte_kv_int8, None, {"kv_cache": "int8"})
+    fp32_report = ensure_export(args.pte_kv_fp32, None, {"kv_cache": "fp32"})
     gguf = args.gguf or demo_gguf_path(demo_report["options"]["model"])
     demo_rows = [pte_row("pte", program_label(args.pte, demo_report), args.pte, demo_report),
-                 pte_row("pte_kv_int8", program_label(args.pte_kv_int8, int8_report), args.pte_kv_int8, int8_report)]
+                 pte_row("pte_kv_fp32", program_label(args.pte_kv_fp32, fp32_report), args.pte_kv_fp32, fp32_report)]
     if importlib.util.find_spec("llama_cpp") is not None:
         demo_rows.append(dict(id="llamacpp", label=f"llama.cpp, `{gguf.name}`", engine="llamacpp", path=str(gguf)))
     shape_rows = [pte_row("shape_pte", program_label(args.shape_pte, shape_report), args.shape_pte, shape_report)]

@@ -30,7 +30,7 @@ class ExportOptions:
     group_size: int = 32
     qembedding: str = "8w"
     lm_head: str = "8da8w"  # Meta's shipped Llama 3.2 SpinQuant recipe: 8-bit lm_head
-    kv_cache: str = "fp32"
+    kv_cache: str = "int8"  # 3.8x fewer KV bytes, the same perplexity and a faster decode step (results/kv_cache_smollm2.md)
     r3: bool = True  # with a quantized KV cache, queries and keys turned by the online Hadamard after RoPE
     max_seq_len: int = 2048
     prefill_chunk: int = 256  # the most tokens one call takes (ExecuTorch's get_max_seq_len): activations are planned for it

@@ -6,8 +6,8 @@
 Each program row: `python -m export.to_pte --kv-cache K [--no-r3] --full-logits` (learned rotation, the rest default)
 in a fresh process, its KV cache bytes (export_report.json), and its perplexity on the evaluation text (prefill in
 chunks), beside `spinquant.eval`'s fake quantization of the same setting on the same windows: `w4a8-export`, and
-with the int8 cache `w4a8-export-kv8` (queries, keys and values int8, one asymmetric scale per token and head).
-No runtime kernel takes int4 keys, so the 4-bit rows are fake quantization alone: keys and values int4 per head.
+with the int8 cache `w4a8-export-kv8` (keys and values symmetric int8, one scale per token and head).
+The program's attention kernel reads float32 or int8 rows, so the 4-bit rows are fake quantization alone.
 Fake quantization of 16 windows of 2,048 tokens takes minutes a row on a 2-core CPU and seconds on a GPU: each part
 is kept in results/kv_cache_smollm2.json with the device it ran on, and a run measures only what is missing.
 Writes results/kv_cache_smollm2.json and results/kv_cache_smollm2.md.
@@ -83,7 +83,7 @@ def decode_profile(pte: Path, prompt: list[int]) -> dict:
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_profile.py"), str(spec), str(result)], check=True)
         times = json.loads(result.read_text())
     ms = lambda *names: sum(o["ms"] for o in times["operators"] if o["operator"] in names)  # noqa: E731
-    return dict(step_ms=times["step_ms"], sdpa_ms=ms("llama::custom_sdpa.out", "llama::custom_quantized_sdpa.out"),
+    return dict(step_ms=times["step_ms"], sdpa_ms=ms("spinquant::attend_kv_cache.out"),
                 hadamard_ms=ms("spinquant::hadamard_transform.out"), load_average=os.getloadavg()[0])
 
 
@@ -107,9 +107,9 @@ def markdown(results: dict, command: str) -> str:
         "a KV cache of 2048 positions and the KV options shown. Perplexity of the .pte on the first "
         f"{results['max_windows']} windows of 2048 tokens of `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), "
         "computed by running the program (prefill in chunks of 256); fake quantization is `spinquant.eval` on the same windows "
-        "in the same setting: `w4a8-export`, and with int8 K/V `w4a8-export-kv8` (queries, keys and values int8, asymmetric, "
-        "one scale and zero point per token and head, as the program's cache and SDPA hold them). No runtime kernel takes "
-        "int4 keys: the int4 rows are fake quantization alone (queries int8, keys and values as shown, per token and head).",
+        "in the same setting: `w4a8-export`, and with int8 K/V `w4a8-export-kv8` (keys and values symmetric int8, max|x|/127, "
+        "one scale per token and head, as the program's cache holds them; queries float32). The program's attention kernel "
+        "reads float32 or int8 rows: the int4 rows are fake quantization alone (keys and values as shown, per token and head).",
         "",
         "| KV cache | R3 | KV cache bytes | planned memory bytes | verify: mean KL, top-1 | .pte perplexity | fake-quant perplexity | Δ |",
         "|---|---|---|---|---|---|---|---|",
@@ -128,7 +128,7 @@ def markdown(results: dict, command: str) -> str:
               f"ETDump of {PROFILE_STEPS} decode steps after a {PROFILE_PROMPT}-token prompt (the first window's tokens), one thread, "
               "each program in a process of its own (benchmarks/decode_profile.py; median step). The step's milliseconds move "
               "with other jobs on the machine (its 1-minute load average when each profile ended is shown); the shares within a step much less.", "",
-              "| KV cache | R3 | step ms | attention (SDPA) ms | share | online Hadamard (R4, R3) ms | share | load average |",
+              "| KV cache | R3 | step ms | attention ms | share | online Hadamard (R4, R3) ms | share | load average |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in ((n, results["rows"][n]) for n in ROWS if "decode_profile" in results["rows"].get(n, {})):
         kv, r3 = kv_and_r3(name)
@@ -151,13 +151,12 @@ def findings(rows: dict) -> list[str]:
         out.append(f"int8 KV with R3: .pte against fake quantization of the same setting {fq_gap:+.2%} "
                    f"({'within' if abs(fq_gap) <= 0.01 else 'NOT within'} 1%).")
         out.append(f"KV cache bytes: {base['kv_cache_bytes']:,} float32 against {r3['kv_cache_bytes']:,} int8, "
-                   f"{base['kv_cache_bytes'] / r3['kv_cache_bytes']:.2f}× smaller (int8 values plus a float32 scale and an int8 "
-                   "zero point per head row).")
+                   f"{base['kv_cache_bytes'] / r3['kv_cache_bytes']:.2f}× smaller (64 int8 values and their float32 scale per "
+                   "head row: 68 bytes against 256; 4× would leave no room for a scale).")
     if base and r3 and "decode_profile" in base and "decode_profile" in r3:
         sdpa, step = (r3["decode_profile"][k] / base["decode_profile"][k] for k in ("sdpa_ms", "step_ms"))
-        out.append(f"A decode step with the int8 cache takes {step:.2f}× the float one's, its attention {sdpa:.1f}×: ExecuTorch's "
-                   "custom_quantized_sdpa computes q·k and the values with torchao's int8 matmul kernels, which are NEON code on "
-                   "arm64 and a scalar fallback on x86 (torchao's kernels/cpu/fallback), the path this CPU takes.")
+        out.append(f"A decode step with the int8 cache takes {step:.2f}× the float one's, its attention (spinquant::attend_kv_cache) "
+                   f"{sdpa:.2f}×: the step reads the cache's rows from memory, and int8 rows are 3.8× fewer bytes.")
         out.append(f"The online Hadamard transforms (R4 and R3) take {r3['decode_profile']['hadamard_ms'] / r3['decode_profile']['step_ms']:.2%} "
                    "of the int8 program's decode step (the bar is 3%).")
     for bits in ("int8 KV", "int4 K/V", "int4 K, int8 V"):

@@ -95,7 +95,9 @@ def test_metadata_reads_back(default_export, tiny_hf_dir):
     ids=["orthogonal-8da8w", "none-float-emb4w-lmhead8da4w"],
 )
 def test_other_supported_options_export_and_match(tiny_hf_dir, tmp_path, overrides):
-    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path, verify=False, **overrides)
+    """A float32 cache: with quantized linears, XNNPACK's and torchao's last bits can move an int8 key at a rounding
+    tie (test_an_int8_kv_cache_computes_its_fake_quantization checks the int8 cache to float rounding)."""
+    opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, output_dir=tmp_path, verify=False, kv_cache="fp32", **overrides)
     run(opts.check())
     assert_program_matches_eager(opts, steps=2)
 

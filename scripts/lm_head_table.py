@@ -1,7 +1,8 @@
 """What a 4-bit lm_head costs in quality: the .pte's perplexity with the default 8da8w lm_head against
 `--lm-head 8da4w`, with round-to-nearest and with GPTQ decoder weights.
 
-    python scripts/lm_head_table.py
+    python scripts/lm_head_table.py --device cuda --skip-programs   # fake quantization, on a GPU
+    python scripts/lm_head_table.py                                 # the programs, on this CPU
 
 Each program is `python -m export.to_pte --full-logits [--lm-head 8da4w] [--gptq-file FILE]` in a fresh
 process (the default rotation: the learned one), run on the first `--max-windows` windows of 2048 tokens
@@ -9,25 +10,32 @@ of the evaluation text (prefill in chunks, as scripts/export_table.py measures a
 (spinquant/gptq.py) quantizes the decoder's linears only and leaves the lm_head to round-to-nearest, so
 one GPTQ result serves both lm_heads: it is made once, as `export.to_pte --gptq` makes it (GPTQConfig()
 on the packaged calibration text, on this CPU), saved beside the programs and given to both GPTQ exports.
-Writes results/lm_head_4bit.json (resumable: rows already there are kept) and results/lm_head_4bit.md.
+Beside each program, `spinquant.eval`'s fake quantization of the same setting (`w4a8-export-kv8`, the lm_head 4-bit
+in groups of 32 for 8da4w, GPTQConfig() for the GPTQ rows): GPTQ on a 2-core CPU takes longer than a session has
+beside the programs, on a GPU a minute and a half. Each part is kept with the device it ran on.
+Writes results/lm_head_4bit.json (resumable: rows and parts already there are kept) and results/lm_head_4bit.md.
 """
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
+import torch
 from pte_tables import full_logits_export, resumed_results
 from transformers import AutoTokenizer
 
-from export.options import ExportOptions
-from runner.pte import PteProgram
 from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.environment import environment_line
+from spinquant.eval import evaluate
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.gptq import GPTQConfig
 from spinquant.metrics import perplexity_of
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
+from spinquant.quant import setting
+from spinquant.rotation import LEARNED_ROTATIONS
 
 # Row name -> (lm_head scheme, GPTQ decoder weights or not); RTN rows first: they are quick.
 ROWS = {
@@ -38,8 +46,20 @@ ROWS = {
 }
 
 
+def fake_quant(name: str, text: str, max_windows: int, device: str) -> dict:
+    """The row's setting in fake quantization: the export's default (`w4a8-export-kv8`), its lm_head and decoder weights."""
+    lm_head, gptq = ROWS[name]
+    qc = setting("w4a8-export-kv8", **(dict(lm_head_bits=4, lm_head_group=32) if lm_head == "8da4w" else {}))
+    windows_of = lambda tokenizer: token_windows(tokenizer, text, 2048, max_windows)  # noqa: E731
+    ppl = evaluate("smollm2-135m", str(LEARNED_ROTATIONS["smollm2-135m"]), qc, windows_of, device=device, gptq=GPTQConfig() if gptq else None)
+    return dict(fake_quant_perplexity=ppl, fake_quant_device=torch.cuda.get_device_name() if device.startswith("cuda") else "this CPU",
+                setting=dataclasses.asdict(qc))
+
+
 def make_gptq_file(path: Path) -> dict:
     """GPTQ exactly as `export.to_pte --gptq` runs it for the default export, saved for --gptq-file."""
+    from export.options import ExportOptions
+
     opts = ExportOptions(gptq=True).check()
     loaded = load_model(opts.model, None)
     model = prepare(loaded.model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
@@ -49,6 +69,8 @@ def make_gptq_file(path: Path) -> dict:
 
 
 def measure(lm_head: str, gptq_file: Path | None, out: Path, text: str, max_windows: int) -> dict:
+    from runner.pte import PteProgram  # ExecuTorch's runtime: not on a GPU machine that runs the fake quantization alone
+
     report, _ = full_logits_export(out, "--lm-head", lm_head, *(["--gptq-file", str(gptq_file)] if gptq_file else []))
     windows = token_windows(AutoTokenizer.from_pretrained(out), text, 2048, max_windows)
     return dict(
@@ -63,7 +85,7 @@ def markdown(results: dict, command: str) -> str:
     lines = [
         "# A 4-bit lm_head: what it costs in perplexity",
         "",
-        f"Command: `{command}`",
+        f"Commands: {command}",
         "",
         f"Machine and libraries: {results['environment']}.",
         "",
@@ -75,17 +97,23 @@ def markdown(results: dict, command: str) -> str:
         f"take the same GPTQ integers ({gptq_line(results.get('gptq'))}). lm_head MB: the lm_head's quantized weights "
         "as the export reports them (int4 values held in int8 before XNNPACK packs them).",
         "",
-        "| program | .pte perplexity | vs 8da8w lm_head, same decoder weights | .pte MiB | lm_head MB | verify: mean KL, top-1 |",
-        "|---|---|---|---|---|---|",
+        "Fake quantization: `spinquant.eval` in the same setting on the same windows, on "
+        + (", ".join(sorted({r["fake_quant_device"] for r in rows.values() if "fake_quant_device" in r})) or "no device yet") + ".",
+        "",
+        "| program | .pte perplexity | fake-quant perplexity | vs 8da8w lm_head, same decoder weights (.pte; fake quant) | .pte MiB | lm_head MB | verify: mean KL, top-1 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in ((n, rows[n]) for n in ROWS if n in rows):
-        base = rows.get(name.replace("8da4w", "8da8w"))
-        change = f"{r['pte_perplexity'] / base['pte_perplexity'] - 1:+.2%}" if base and base is not r else "—"
-        lines.append(f"| {name} | {r['pte_perplexity']:.2f} | {change} | {r['pte_mib']:.1f} | {r['lm_head_mb']:.1f} | "
-                     f"{r['verify']['mean_kl']:.3g}, {r['verify']['top1_agreement']:.0%} |")
-    missing = [n for n in ROWS if n not in rows]
+        base = rows.get(name.replace("8da4w", "8da8w"), {})
+        changes = [f"{r[k] / base[k] - 1:+.2%}" if base is not r and k in r and k in base else "—" for k in ("pte_perplexity", "fake_quant_perplexity")]
+        pte = (f"{r['pte_perplexity']:.2f}", f"{r['pte_mib']:.1f}", f"{r['lm_head_mb']:.1f}",
+               f"{r['verify']['mean_kl']:.3g}, {r['verify']['top1_agreement']:.0%}") if "pte_perplexity" in r else ("not measured",) + ("—",) * 3
+        fake = f"{r['fake_quant_perplexity']:.2f}" if "fake_quant_perplexity" in r else "—"
+        lines.append(f"| {name} | {pte[0]} | {fake} | {'; '.join(changes)} | {pte[1]} | {pte[2]} | {pte[3]} |")
+    missing = [n for n in ROWS if "pte_perplexity" not in rows.get(n, {})]
     if missing:
-        lines += ["", f"Not measured yet: {', '.join(missing)} (the command above with `--rows` naming them adds them)."]
+        lines += ["", f"Programs not measured yet: {', '.join(missing)} (the command above with `--rows` naming them adds them; "
+                  "GPTQ on this CPU, 47 calibration windows of 2048 tokens, did not fit a session beside the other programs)."]
     return "\n".join(lines) + "\n"
 
 
@@ -103,21 +131,30 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which programs to measure (default all)")
     p.add_argument("--work-dir", type=Path, default=Path("out/lm_head"))
     p.add_argument("--output", type=Path, default=Path("results/lm_head_4bit"))
+    p.add_argument("--device", default="cpu", help="where fake quantization runs (the programs run on this CPU)")
+    p.add_argument("--skip-programs", action="store_true", help="fake quantization only (on a machine without ExecuTorch's runtime)")
     args = p.parse_args()
     text = read_text(args.text)
     json_path = args.output.with_suffix(".json")
     results = resumed_results(json_path, args.text, text, args.max_windows)
-    results.update(environment=environment_line())
+    if not args.skip_programs:
+        results.update(environment=environment_line())
     command = shlex.join(["python", "scripts/lm_head_table.py", *sys.argv[1:]])
+    results["commands"] = list(dict.fromkeys([*results.get("commands", []), command]))
     gptq_file = args.work_dir / "gptq.pt"
-    for name in (n for n in args.rows if n not in results["rows"]):
+    for name in args.rows:
+        row = results["rows"].setdefault(name, {})
+        if "fake_quant_perplexity" not in row:
+            row.update(fake_quant(name, text, args.max_windows, args.device))
+            write_json_atomic(json_path, results)
         lm_head, gptq = ROWS[name]
-        if gptq and not gptq_file.is_file():
-            results["gptq"] = make_gptq_file(gptq_file)
-        results["rows"][name] = measure(lm_head, gptq_file if gptq else None, args.work_dir / name.replace(", ", "_").replace(" ", "_"), text, args.max_windows)
-        print(f"{name}: .pte perplexity {results['rows'][name]['pte_perplexity']:.3f}", file=sys.stderr, flush=True)
-        write_json_atomic(json_path, results)
-    write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())
+        if "pte_perplexity" not in row and not args.skip_programs:
+            if gptq and not gptq_file.is_file():
+                results["gptq"] = make_gptq_file(gptq_file)
+            row.update(measure(lm_head, gptq_file if gptq else None, args.work_dir / name.replace(", ", "_").replace(" ", "_"), text, args.max_windows))
+            print(f"{name}: .pte perplexity {row['pte_perplexity']:.3f}", file=sys.stderr, flush=True)
+            write_json_atomic(json_path, results)
+    write_atomic(args.output.with_suffix(".md"), markdown(results, ", then ".join(f"`{c}`" for c in results["commands"])).encode())
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
+import kernels.rms_norm_op  # noqa: F401  (registers torch.ops.spinquant.rms_norm)
 from export.kv_cache import KVCache
 from export.per_token_ops import per_token_linear
 from spinquant.rotation import head_dim
@@ -109,10 +110,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm for a float32 program: without transformers' dtype round trips (four graph
-    nodes per norm), and without the gain where rotation folded it into the next linears (all ones).
-    x * x, not x.pow(2): the same correctly rounded square, and in an ETDump of a decode step
-    ExecuTorch's portable pow kernel took about 10 µs per 576-float row, its mul about 1 µs."""
+    """Llama's RMSNorm for a float32 program as our one `spinquant::rms_norm` call (kernels/rms_norm_op.py), where
+    ExecuTorch's CPU kernels take five, and without the gain where rotation folded it into the next linears (all ones)."""
 
     def __init__(self, norm: nn.Module):
         super().__init__()
@@ -120,8 +119,7 @@ class RMSNorm(nn.Module):
         self.weight = None if bool((norm.weight == 1).all()) else norm.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps)
-        return x if self.weight is None else x * self.weight
+        return torch.ops.spinquant.rms_norm(x, self.weight, self.eps)
 
 
 class ExportableLlama(nn.Module):

@@ -16,11 +16,15 @@ Quantized linears are traced through export/per_token_ops.py's spelling of torch
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
+from transformers.activations import SiLUActivation
 
 import kernels.rms_norm_op  # noqa: F401  (registers torch.ops.spinquant.rms_norm)
+import kernels.silu_mul_op  # noqa: F401  (registers torch.ops.spinquant.silu_mul)
 from export.kv_cache import KVCache
 from export.per_token_ops import per_token_linear
 from spinquant.rotation import head_dim
+
+SILU = (nn.SiLU, SiLUActivation)  # transformers' ACT2FN["silu"] is its own class, ["swish"] torch's
 
 
 def stacked_rows(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -82,7 +86,8 @@ class CachedAttention(nn.Module):
 
 
 class FusedMLP(nn.Module):
-    """Llama's MLP, down(act(gate(x)) · up(x)), with gate and up as one linear."""
+    """Llama's MLP, down(act(gate(x)) · up(x)), with gate and up as one linear; with SiLU (every family here), the
+    activation and product are our one `spinquant::silu_mul` call (kernels/silu_mul_op.py)."""
 
     def __init__(self, mlp: nn.Module):
         super().__init__()
@@ -91,6 +96,8 @@ class FusedMLP(nn.Module):
         self.act_fn = mlp.act_fn if hasattr(mlp, "act_fn") else mlp.activation_fn  # Phi-3's name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.act_fn, SILU):
+            return self.down_proj(torch.ops.spinquant.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 

@@ -8,6 +8,7 @@ a checkout and an installed wheel of the same sources share one build.
 """
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -151,8 +152,10 @@ def build_library() -> Path:
     return build_dir() / LIBRARY
 
 
+@functools.cache
 def load_into_executorch_runtime() -> Path:
-    """Register our kernels in the ExecuTorch runtime this process uses; safe to call repeatedly."""
+    """Register our kernels in the ExecuTorch runtime this process uses; safe to call repeatedly. Once per process: a
+    second build (the sources edited meanwhile) would register the same operators again, which ExecuTorch aborts on."""
     from executorch.runtime import Runtime  # first: the library binds to this runtime's registry
 
     library = build_library()

@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 from transformers.activations import SiLUActivation
 
 import kernels.rms_norm_op  # noqa: F401  (registers torch.ops.spinquant.rms_norm)
+import kernels.rope_op  # noqa: F401  (registers torch.ops.spinquant.rope)
 import kernels.silu_mul_op  # noqa: F401  (registers torch.ops.spinquant.silu_mul)
 from export.kv_cache import KVCache
 from export.per_token_ops import per_token_linear
@@ -77,7 +78,7 @@ class CachedAttention(nn.Module):
         if self.q_norm is not None:
             q, k = qk.split([heads, kv_heads], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
-        qk = rotate(qk, cos, sin)
+        qk = torch.ops.spinquant.rope(qk, cos, sin)  # queries and keys in one call (kernels/rope_op.py)
         if self.online_r3:  # one transform for queries and keys together: q·kᵀ is unchanged
             qk = torch.ops.spinquant.hadamard_transform(qk)
         q, k = qk.split([heads, kv_heads], dim=2)
@@ -100,20 +101,6 @@ class FusedMLP(nn.Module):
             return self.down_proj(torch.ops.spinquant.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in Hugging Face's half-split layout; x is (1, seq, heads, head_dim), cos/sin (1, seq, 1, head_dim).
-
-    Queries and keys go through it together: one set of graph nodes per layer instead of two.
-    Where cos/sin are narrower than a head (Phi-4-mini's partial rotary), the head's rest passes unturned.
-    """
-    turned = cos.shape[-1]
-    if turned < x.shape[-1]:
-        return torch.cat([rotate(x[..., :turned], cos, sin), x[..., turned:]], dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-# Our kernels (Hadamard, KV cache, RMSNorm, SiLU) as a static library inside ExecuTorch's own CMake build, for a phone: pass
+# Our kernels (Hadamard, KV cache, RMSNorm, SiLU, RoPE) as a static library inside ExecuTorch's own CMake build, for a phone: pass
 #
 #   -DCMAKE_PROJECT_executorch_INCLUDE=<this file>
 #
@@ -14,7 +14,8 @@
 add_library(spinquant_kernels_et STATIC "${CMAKE_CURRENT_LIST_DIR}/cpu/op_hadamard_transform.cpp"
                                         "${CMAKE_CURRENT_LIST_DIR}/cpu/op_kv_cache.cpp"
                                         "${CMAKE_CURRENT_LIST_DIR}/cpu/op_rms_norm.cpp"
-                                        "${CMAKE_CURRENT_LIST_DIR}/cpu/op_silu_mul.cpp")
+                                        "${CMAKE_CURRENT_LIST_DIR}/cpu/op_silu_mul.cpp"
+                                        "${CMAKE_CURRENT_LIST_DIR}/cpu/op_rope.cpp")
 target_include_directories(spinquant_kernels_et PRIVATE "${CMAKE_CURRENT_LIST_DIR}/cpu")
 target_compile_features(spinquant_kernels_et PUBLIC cxx_std_17)
 # The in-tree names, without the executorch:: prefix of the wheel's package. extension_threadpool

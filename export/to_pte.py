@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         opts = parse_args(argv)
         report = run(opts)
     v = report.get("verify")
-    check = f", verified: mean KL {v['mean_kl']:.3g} nats, top-1 {v['top1_agreement']:.0%}" if v else ""
+    check = (f", verified: mean KL {v['mean_kl']:.3g} nats, top-1 {round(v['top1_agreement'] * v['positions'])}/{v['positions']} positions"
+             if v else "")
     print(f"wrote {opts.output_dir / 'model.pte'} ({report['pte_bytes'] / 2**20:.1f} MiB) in {report['export_seconds']} s{check}")
 
 

@@ -261,3 +261,12 @@ def test_the_memory_plan_splits_into_kv_cache_logits_and_activations():
     assert sum(parts.values()) == planned_memory_bytes(manager)["forward"]
     assert parts["kv_cache"] == sum(b.nbytes for b in caches) == 2 * 2 * max_seq_len * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads of 16, fp32
     assert parts["logits"] == 512 * 4 and parts["activations"] > 0
+
+
+def test_the_command_line_says_what_it_wrote_and_how_it_checked(tiny_hf_dir, tmp_path, capsys):
+    """The check's top-1 agreement as a count of positions: on a short check prompt one near-tie is a large percentage."""
+    main(["--model", str(tiny_hf_dir), "--max-seq-len", "32", "--output-dir", str(tmp_path)])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    report = json.loads((tmp_path / "export_report.json").read_text())["verify"]
+    assert line.startswith(f"wrote {tmp_path / 'model.pte'} (")
+    assert line.endswith(f"top-1 {round(report['top1_agreement'] * report['positions'])}/{report['positions']} positions")

@@ -2,20 +2,10 @@
 
 #include <memory>
 
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/kernel/thread_parallel_interface.h>
-
 #include "hadamard_transform.h"
+#include "kernel_util.h"
 
 namespace spinquant::native {
-
-using executorch::aten::ScalarType;
-using executorch::aten::Tensor;
-using executorch::runtime::Error;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::resize_tensor;
-using executorch::runtime::tensor_is_contiguous;
-using executorch::runtime::tensor_is_default_dim_order;
 
 namespace {
 
@@ -52,11 +42,11 @@ Tensor& hadamard_transform_out(KernelRuntimeContext& ctx, const Tensor& x, Tenso
   ET_KERNEL_CHECK_MSG(ctx, out.scalar_type() == dtype, InvalidArgument, out,
                       "%s: out has dtype %s, the input %s", kOp, executorch::runtime::toString(out.scalar_type()),
                       executorch::runtime::toString(dtype));
-  ET_KERNEL_CHECK_MSG(ctx, tensor_is_contiguous(x) && tensor_is_default_dim_order(x), InvalidArgument, out,
+  ET_KERNEL_CHECK_MSG(ctx, is_plain(x), InvalidArgument, out,
                       "%s: the input must be contiguous", kOp);
   ET_KERNEL_CHECK_MSG(ctx, resize_tensor(out, x.sizes()) == Error::Ok, InvalidArgument, out,
                       "%s: out cannot take the input's shape", kOp);
-  ET_KERNEL_CHECK_MSG(ctx, tensor_is_contiguous(out) && tensor_is_default_dim_order(out), InvalidArgument, out,
+  ET_KERNEL_CHECK_MSG(ctx, is_plain(out), InvalidArgument, out,
                       "%s: out must be contiguous", kOp);
   HadamardSize size;
   const int64_t n = x.size(x.dim() - 1);

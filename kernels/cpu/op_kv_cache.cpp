@@ -4,31 +4,16 @@
 // it in its tiling for long queries; its int8 variant runs torchao's int8 matmul, scalar off arm64.
 #include <memory>
 
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/thread_parallel_interface.h>
+#include "kernel_util.h"
 
 #include "kv_attention.h"
 
 namespace spinquant::native {
 
-using executorch::aten::ScalarType;
-using executorch::aten::Tensor;
-using executorch::runtime::Error;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::resize_tensor;
-using executorch::runtime::tensor_is_contiguous;
-using executorch::runtime::tensor_is_default_dim_order;
-using executorch::runtime::toString;
-
 namespace {
 
 constexpr const char* kQuantize = "spinquant::quantize_kv_rows.out";
 constexpr const char* kAttend = "spinquant::attend_kv_cache.out";
-
-bool is_plain(const Tensor& t) {
-  return tensor_is_contiguous(t) && tensor_is_default_dim_order(t);
-}
 
 // (query row, KV head) tasks per thread-pool task: about 32k multiply-adds, more than waking a thread costs.
 int64_t grain_tasks(int64_t positions, int64_t dim, int64_t group) {
@@ -65,10 +50,7 @@ Tensor& quantize_kv_rows_out(KernelRuntimeContext& ctx, const Tensor& x, Tensor&
   ET_KERNEL_CHECK_MSG(ctx, out.scalar_type() == ScalarType::Char && out.dim() == x.dim(), InvalidArgument, out,
                       "%s: out must be int8 with the input's dimensions, has %s", kQuantize, toString(out.scalar_type()));
   const int64_t dim = x.size(x.dim() - 1);
-  executorch::aten::SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (int64_t d = 0; d < x.dim(); ++d) sizes[d] = x.size(d);
-  sizes[x.dim() - 1] = static_cast<executorch::aten::SizesType>(dim + kScaleBytes);
-  ET_KERNEL_CHECK_MSG(ctx, resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == Error::Ok && is_plain(out),
+  ET_KERNEL_CHECK_MSG(ctx, resize_with_last_dim(out, x, dim + kScaleBytes) == Error::Ok && is_plain(out),
                       InvalidArgument, out, "%s: out cannot take the rows' shape", kQuantize);
   const float* src = x.const_data_ptr<float>();
   int8_t* dst = out.mutable_data_ptr<int8_t>();

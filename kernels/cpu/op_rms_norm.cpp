@@ -3,19 +3,9 @@
 // on the demo: each call's dispatch costs more than its arithmetic on a 576-float row.
 #include <cmath>
 
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/thread_parallel_interface.h>
+#include "kernel_util.h"
 
 namespace spinquant::native {
-
-using executorch::aten::ScalarType;
-using executorch::aten::Tensor;
-using executorch::runtime::Error;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::resize_tensor;
-using executorch::runtime::tensor_is_contiguous;
-using executorch::runtime::tensor_is_default_dim_order;
 
 namespace {
 
@@ -41,7 +31,7 @@ Tensor& rms_norm_out(KernelRuntimeContext& ctx, const Tensor& x, const executorc
                      Tensor& out) {
   ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float,
                       InvalidArgument, out, "%s: x and out must be float32 with at least one dimension", kOp);
-  ET_KERNEL_CHECK_MSG(ctx, tensor_is_contiguous(x) && tensor_is_default_dim_order(x), InvalidArgument, out,
+  ET_KERNEL_CHECK_MSG(ctx, is_plain(x), InvalidArgument, out,
                       "%s: the input must be contiguous", kOp);
   const int64_t n = x.size(x.dim() - 1);
   const float* gain = nullptr;

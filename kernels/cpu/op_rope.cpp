@@ -1,18 +1,8 @@
 // spinquant::rope.out: rotary position embedding in Hugging Face's half-split layout, queries and keys of a layer in
 // one call. As ExecuTorch's CPU kernels it is six calls per layer (slice, neg, cat, mul, mul, add).
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/thread_parallel_interface.h>
+#include "kernel_util.h"
 
 namespace spinquant::native {
-
-using executorch::aten::ScalarType;
-using executorch::aten::Tensor;
-using executorch::runtime::Error;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::resize_tensor;
-using executorch::runtime::tensor_is_contiguous;
-using executorch::runtime::tensor_is_default_dim_order;
 
 namespace {
 
@@ -41,7 +31,7 @@ Tensor& rope_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& cos, 
   ET_KERNEL_CHECK_MSG(ctx, cos.sizes() == sin.sizes() && cos.size(0) * cos.size(1) == tokens && cos.size(2) == 1 &&
                                turned <= dim && turned % 2 == 0,
                       InvalidArgument, out, "%s: cos and sin must be (batch, seq, 1, an even count up to head_dim)", kOp);
-  ET_KERNEL_CHECK_MSG(ctx, tensor_is_contiguous(x) && tensor_is_default_dim_order(x) && tensor_is_contiguous(cos) &&
+  ET_KERNEL_CHECK_MSG(ctx, is_plain(x) && tensor_is_contiguous(cos) &&
                                tensor_is_contiguous(sin),
                       InvalidArgument, out, "%s: the inputs must be contiguous", kOp);
   ET_KERNEL_CHECK_MSG(ctx, resize_tensor(out, x.sizes()) == Error::Ok && tensor_is_contiguous(out), InvalidArgument, out,

@@ -1,22 +1,11 @@
 // spinquant::silu_mul.out: silu(gate) · up, where the MLP's fused gate/up linear gives [gate | up] in one row. As
 // ExecuTorch's CPU kernels that is four calls per layer (split, sigmoid, mul, mul), and their sigmoid took 6 µs
 // per 1,536-float row in the demo's decode step.
-#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/thread_parallel_interface.h>
+#include "kernel_util.h"
 
 #include "exp_nonpositive.h"
 
 namespace spinquant::native {
-
-using executorch::aten::ScalarType;
-using executorch::aten::SizesType;
-using executorch::aten::Tensor;
-using executorch::runtime::Error;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::resize_tensor;
-using executorch::runtime::tensor_is_contiguous;
-using executorch::runtime::tensor_is_default_dim_order;
 
 namespace {
 
@@ -38,12 +27,9 @@ Tensor& silu_mul_out(KernelRuntimeContext& ctx, const Tensor& gate_up, Tensor& o
   ET_KERNEL_CHECK_MSG(ctx, gate_up.dim() >= 1 && gate_up.scalar_type() == ScalarType::Float && out.scalar_type() == ScalarType::Float,
                       InvalidArgument, out, "%s: gate_up and out must be float32 with at least one dimension", kOp);
   const int64_t width = gate_up.size(gate_up.dim() - 1), n = width / 2;
-  ET_KERNEL_CHECK_MSG(ctx, width % 2 == 0 && tensor_is_contiguous(gate_up) && tensor_is_default_dim_order(gate_up),
+  ET_KERNEL_CHECK_MSG(ctx, width % 2 == 0 && is_plain(gate_up),
                       InvalidArgument, out, "%s: the input must be contiguous with an even last dimension", kOp);
-  SizesType sizes[executorch::runtime::kTensorDimensionLimit];
-  for (int64_t d = 0; d < gate_up.dim(); ++d) sizes[d] = gate_up.size(d);
-  sizes[gate_up.dim() - 1] = static_cast<SizesType>(n);
-  ET_KERNEL_CHECK_MSG(ctx, resize_tensor(out, {sizes, static_cast<size_t>(gate_up.dim())}) == Error::Ok && tensor_is_contiguous(out),
+  ET_KERNEL_CHECK_MSG(ctx, resize_with_last_dim(out, gate_up, n) == Error::Ok && tensor_is_contiguous(out),
                       InvalidArgument, out, "%s: out cannot take half the input's last dimension", kOp);
   if (out.numel() == 0) return out;
   const float* src = gate_up.const_data_ptr<float>();

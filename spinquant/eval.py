@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--v-bits", type=int)
     p.add_argument("--kv-group", type=int, help="0 = one scale per head")
     p.add_argument("--no-r3", action="store_true", help="quantized K/V without R3 (the online Hadamard on queries and keys)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized as the decoder's linears")
+    p.add_argument("--quantize-lm-head", action="store_true", help="lm_head quantized as the decoder's linears (with --w-gptq, by GPTQ too)")
     p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
@@ -119,8 +119,6 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
         raise UserError("--w-gptq needs quantized weights: a setting such as w4a8, or --w-bits")
     if not qc.w_sym:
         raise UserError("--w-gptq computes symmetric scales (torchao's 8da4w); drop --w-asym")
-    if args.quantize_lm_head:
-        raise UserError("--w-gptq quantizes the decoder's linears only; drop --quantize-lm-head (or use --quant w4a8-export: an 8-bit lm_head)")
     if args.gptq_windows < 1:
         raise UserError("--gptq-windows must be at least 1")
     if qc.w_clip_search:

@@ -28,7 +28,7 @@ import hashlib
 import io
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from spinquant.errors import UserError
 from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, layer_linears
 from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
-from spinquant.rotation import quantized_input_linear
+from spinquant.rotation import quantized_input_linear, untie_embeddings
 from spinquant.torch_files import describe_type, load_torch_file
 
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -144,11 +144,14 @@ def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight:
     return QuantizedWeight(parts["qdata"], parts["scale"])
 
 
-def check_result_fits(result: GPTQResult, source: str, model: LlamaForCausalLM, model_name: str, rotation: str, group: int) -> None:
+def check_result_fits(
+    result: GPTQResult, source: str, model: LlamaForCausalLM, model_name: str, rotation: str, group: int, lm_head: bool,
+) -> None:
     """A saved result (the export's --gptq-file) made for another model, rotation or group size is refused before its weights go in.
 
     `model` is already rotated (down_proj's linear sits inside its online-Hadamard wrapper, as GPTQ saw it);
-    `rotation` is rotation_id() of the rotation it was rotated with; `source` names the result in errors.
+    `rotation` is rotation_id() of the rotation it was rotated with; `source` names the result in errors;
+    `lm_head`: whether the quantization needs GPTQ's lm_head (int4 in the decoder's groups).
     """
     if not same_model(result.model, model_name):
         raise misfit(source, f"was made for the model {result.model}, the export is of {model_name}")
@@ -156,11 +159,14 @@ def check_result_fits(result: GPTQResult, source: str, model: LlamaForCausalLM, 
         raise misfit(source, f"was made with group size {result.config.group}, the export uses --group-size {group}")
     if result.rotation != rotation:
         raise misfit(source, f"was made under rotation {result.rotation}, the export uses {rotation}")
-    linears = decoder_linears(model)
+    if lm_head != ("lm_head" in result.weights):
+        made, needs = ("with", "an 8-bit one") if not lm_head else ("without", "an int4 one in its groups")
+        raise misfit(source, f"was made {made} a GPTQ lm_head; this quantization's lm_head is {needs}")
+    linears = gptq_linears(model, lm_head)
     if missing := sorted(linears.keys() - result.weights.keys()):
         raise misfit(source, f"has no weights for {missing[0]} ({len(missing)} linears of this model missing)")
     if extra := sorted(result.weights.keys() - linears.keys()):
-        raise misfit(source, f"has weights for {extra[0]}, which is not a decoder linear of this model")
+        raise misfit(source, f"has weights for {extra[0]}, which is not a linear of this model")
     for name, qw in result.weights.items():
         out, inputs = linears[name].weight.shape
         if qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):
@@ -176,9 +182,9 @@ def same_model(saved: str, given: str) -> bool:
     return saved == given or (Path(saved).exists() and Path(saved).resolve() == Path(given).resolve())
 
 
-def decoder_linears(model: LlamaForCausalLM) -> dict[str, nn.Linear]:
-    """Every linear GPTQ quantizes, by module name (down_proj's inside its online-Hadamard wrapper)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+def gptq_linears(model: LlamaForCausalLM, lm_head: bool) -> dict[str, nn.Linear]:
+    """Every linear GPTQ quantizes, by module name (down_proj's inside its online-Hadamard wrapper); lm_head with `lm_head`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and (lm_head or name != "lm_head")}
 
 
 def rotation_id(spec: str, seed: int) -> str:
@@ -296,25 +302,60 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig, 
 
 
 class HessianAccumulator:
-    """Σ xᵀx over every token seen by a linear's input (float32), then H = 2XᵀX / n."""
+    """Σ xᵀx over every token seen by a linear's input (float32), then H = 2XᵀX / n; with `cross`, also
+    C = 2X_fpᵀX̃/n against the full-precision model's input of the same tokens, set in `fp_input` before each call."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, cross: bool = False):
         self.sum = torch.zeros(linear.in_features, linear.in_features, dtype=torch.float32, device=linear.weight.device)
+        self.cross = torch.zeros_like(self.sum) if cross else None
+        self.fp_input: torch.Tensor | None = None
         self.tokens = 0
         self.handle = linear.register_forward_pre_hook(self.add)
 
     def add(self, module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         self.sum.addmm_(x.T, x)
+        if self.cross is not None:
+            self.cross.addmm_(self.fp_input.T, x)
         self.tokens += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
         self.handle.remove()
         return self.sum * (2.0 / self.tokens)
 
+    def cross_term(self) -> torch.Tensor | None:
+        return None if self.cross is None else self.cross * (2.0 / self.tokens)
+
 
 class _StopForward(Exception):
     pass
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _StopForward
+
+
+def run_until(stop_at: nn.Module, forward: Callable[[], object]) -> None:
+    """Run `forward` up to `stop_at`'s input (its other pre-hooks, such as a Hessian's, still see it)."""
+    handle = stop_at.register_forward_pre_hook(_stop)
+    try:
+        forward()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+class _RawInputs:
+    """Each call's input of a module as it arrives, before its own pre-hooks (int8 quantization) change it; on the CPU."""
+
+    def __init__(self, module: nn.Module):
+        self.inputs: list[torch.Tensor] = []
+        self.handle = module.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].cpu()), prepend=True)
+
+    def remove(self) -> list[torch.Tensor]:
+        self.handle.remove()
+        return self.inputs
 
 
 @torch.no_grad()
@@ -350,61 +391,84 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device
     return [layer(x.to(device), **kwargs).cpu() for x in inputs]
 
 
-class CrossAccumulator(HessianAccumulator):
-    """H = 2X̃ᵀX̃/n of the quantized model's inputs and C = 2X_fpᵀX̃/n against the full-precision model's inputs of the
-    same tokens, which `capture` (a hook on the full-precision copy of the linear) stores just before."""
+@torch.no_grad()
+def full_precision_inputs(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """One forward of the full-precision layer per window: each SEQUENTIAL group's input (GPTAQ's X_fp, per window,
+    on the CPU) and the layer's outputs (the next layer's full-precision inputs)."""
+    captured = [_RawInputs(inner_linear(layer, next(iter(layer_linears(layer, group))))) for group in SEQUENTIAL]
+    outputs = run_layer(layer, inputs, kwargs, device)
+    return [[x.reshape(-1, x.shape[-1]).float() for x in c.remove()] for c in captured], outputs
 
-    def __init__(self, linear: nn.Linear, fp_linear: nn.Linear):
-        super().__init__(linear)
-        self.cross = torch.zeros_like(self.sum)
-        self.fp_input = None
-        self.fp_handle = fp_linear.register_forward_pre_hook(self.capture)
 
-    def capture(self, module: nn.Module, args: tuple) -> None:
-        self.fp_input = args[0].reshape(-1, args[0].shape[-1]).float()
+class StagedLayer:
+    """A decoder layer run one SEQUENTIAL group at a time over the calibration windows, each part computed once:
+    the layer is pre-norm, h = x + o_proj(attention z) and out = h + down_proj(d), d = mlp(post_attention_layernorm(h))
+    up to down_proj, as in every family of families.py. Each stage runs up to its group's first linear, whose
+    Hessian hook sees the input; what a later stage needs (z, h, d) is kept on the CPU."""
 
-    def add(self, module: nn.Module, args: tuple) -> None:
-        super().add(module, args)
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        self.cross.addmm_(self.fp_input.T, x)
-        self.fp_input = None
+    def __init__(self, layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, device: torch.device):
+        self.layer, self.inputs, self.kwargs, self.device = layer, inputs, kwargs, device
+        self.attention = self.residual = self.mlp_inner = None
 
-    def cross_term(self) -> torch.Tensor:
-        self.fp_handle.remove()
-        return self.cross * (2.0 / self.tokens)
+    def run(self, stage: int, stop_at: nn.Module, before_window: Callable[[int], None]) -> None:
+        layer, dev = self.layer, self.device
+        kept = _RawInputs(layer.self_attn.o_proj if stage == 1 else layer.mlp.down_proj) if stage in (1, 3) else None
+        for i, x in enumerate(self.inputs):
+            before_window(i)
+            if stage < 2:
+                run_until(stop_at, lambda: layer(x.to(dev), **self.kwargs))
+            else:
+                if stage == 2:
+                    self.residual[i] = x + layer.self_attn.o_proj(self.attention[i].to(dev)).cpu()
+                run_until(stop_at, lambda: layer.mlp(layer.post_attention_layernorm(self.residual[i].to(dev))))
+        if stage == 1:
+            self.attention, self.residual = kept.remove(), [None] * len(self.inputs)
+        elif stage == 3:
+            self.mlp_inner = kept.remove()
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs, after its last group is quantized."""
+        down = self.layer.mlp.down_proj
+        return [h + down(d.to(self.device)).cpu() for h, d in zip(self.residual, self.mlp_inner)]
 
 
 @torch.no_grad()
 def quantize_layer(
     layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, cfg: GPTQConfig, device: torch.device,
-    fp_layer: nn.Module | None = None, fp_inputs: list[torch.Tensor] | None = None,
-) -> dict[nn.Linear, QuantizedWeight]:
+    fp_inputs: list[torch.Tensor] | None = None,
+) -> tuple[dict[nn.Linear, QuantizedWeight], list[torch.Tensor], list[torch.Tensor] | None]:
     """GPTQ every linear of one decoder layer in SpinQuant's order; their weights become the dequantized ones.
+    Returns the integers and the next layer's inputs (quantized model; full-precision model with `fp_inputs`).
 
     The linears of one group share their input, so their Hessian: their rows are quantized as one matrix.
-    With `fp_layer` (the layer's full-precision copy) and `fp_inputs` (the full-precision model's inputs to it),
-    also the cross term of GPTAQ's asymmetric calibration.
+    With `fp_inputs` (the full-precision model's inputs to this layer, before it is quantized) also the cross
+    term of GPTAQ's asymmetric calibration.
     """
+    targets, next_fp = full_precision_inputs(full_precision_copy(layer), fp_inputs, kwargs, device) if fp_inputs is not None else (None, None)
+    staged = StagedLayer(layer, inputs, kwargs, device)
     done = {}
-    for group in SEQUENTIAL:
-        names = list(layer_linears(layer, group))
-        linears = [inner_linear(layer, name) for name in names]
-        if fp_layer is None:
-            acc = HessianAccumulator(linears[0])
-            run_layer(layer, inputs, kwargs, device)
-            cross = None
-        else:
-            acc = CrossAccumulator(linears[0], inner_linear(fp_layer, names[0]))
-            for x, x_fp in zip(inputs, fp_inputs):
-                fp_layer(x_fp.to(device), **kwargs)
-                layer(x.to(device), **kwargs)
-            cross = acc.cross_term()
-        qw = gptq_quantize(torch.cat([linear.weight.data for linear in linears]), acc.hessian(), cfg, cross)
-        rows = [linear.out_features for linear in linears]
-        for linear, qdata, scale in zip(linears, qw.qdata.split(rows), qw.scale.split(rows)):
-            part = QuantizedWeight(qdata, scale)
-            linear.weight.data = part.dequantize().to(linear.weight.dtype)
-            done[linear] = QuantizedWeight(qdata.cpu(), scale.cpu())
+    for stage, group in enumerate(SEQUENTIAL):
+        linears = [inner_linear(layer, name) for name in layer_linears(layer, group)]
+        acc = HessianAccumulator(linears[0], cross=targets is not None)
+
+        def before_window(i: int, acc: HessianAccumulator = acc, stage: int = stage) -> None:
+            if targets is not None:
+                acc.fp_input = targets[stage][i].to(device)
+
+        staged.run(stage, linears[0], before_window)
+        done.update(quantize_group(linears, acc.hessian(), cfg, acc.cross_term()))
+    return done, staged.outputs(), next_fp
+
+
+def quantize_group(linears: list[nn.Linear], hessian: torch.Tensor, cfg: GPTQConfig, cross: torch.Tensor | None) -> dict[nn.Linear, QuantizedWeight]:
+    """GPTQ of linears sharing one input, as one matrix; each weight becomes its dequantized value."""
+    qw = gptq_quantize(torch.cat([linear.weight.data for linear in linears]), hessian, cfg, cross)
+    rows = [linear.out_features for linear in linears]
+    done = {}
+    for linear, qdata, scale in zip(linears, qw.qdata.split(rows), qw.scale.split(rows)):
+        part = QuantizedWeight(qdata, scale)
+        linear.weight.data = part.dequantize().to(linear.weight.dtype)
+        done[linear] = QuantizedWeight(qdata.cpu(), scale.cpu())
     return done
 
 
@@ -426,21 +490,26 @@ def check_calibration_tokens(model: LlamaForCausalLM, tokens: int) -> None:
         )
 
 
-def quantize_calibration_inputs(model: LlamaForCausalLM, bits: int) -> list[RemovableHandle]:
-    """Per-token fake quantization of every decoder linear's input while calibrating; registered before the
-    Hessian hooks, so those see the quantized inputs (and the next layers the quantized outputs)."""
+def quantize_calibration_inputs(linears: list[nn.Linear], bits: int) -> list[RemovableHandle]:
+    """Per-token fake quantization of each linear's input while calibrating; registered before the Hessian
+    hooks, so those see the quantized inputs (and the next layers the quantized outputs)."""
     if bits >= 16:
         return []
-    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)]
     return [m.register_forward_pre_hook(quantize_input_hook(bits, False, 1.0)) for m in linears]
 
 
-def gptq_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: GPTQConfig, device: torch.device, progress: bool = True) -> dict[str, QuantizedWeight]:
-    """GPTQ of every decoder linear, in place (weights become their dequantized values); integers by module name."""
+def gptq_model(
+    model: LlamaForCausalLM, windows: torch.Tensor, cfg: GPTQConfig, device: torch.device, progress: bool = True, lm_head: bool = False,
+) -> dict[str, QuantizedWeight]:
+    """GPTQ of every decoder linear (and of lm_head with `lm_head`), in place (weights become their dequantized
+    values); integers by module name."""
     check_calibration_tokens(model, windows.numel())
     names = {m: name for name, m in model.named_modules()}
     home = next(model.parameters()).device
-    handles = quantize_calibration_inputs(model, cfg.act_bits)
+    if lm_head:
+        untie_embeddings(model)  # the embedding keeps its own weights
+    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)] + ([model.lm_head] if lm_head else [])
+    handles = quantize_calibration_inputs(linears, cfg.act_bits)
     try:
         inputs, kwargs = first_layer_inputs(model, windows, device)
         # GPTAQ: the full-precision model's hidden states beside the quantized one's (the embedding is not quantized).
@@ -448,19 +517,35 @@ def gptq_model(model: LlamaForCausalLM, windows: torch.Tensor, cfg: GPTQConfig, 
         result = {}
         for layer in tqdm(model.model.layers, desc="GPTQ", unit="layer", disable=not progress):
             layer.to(device)
-            fp_layer = full_precision_copy(layer) if cfg.asymmetric else None
-            result.update({names[linear]: qw for linear, qw in quantize_layer(layer, inputs, kwargs, cfg, device, fp_layer, fp_inputs).items()})
-            with torch.no_grad():
-                inputs = run_layer(layer, inputs, kwargs, device)  # the next layer sees this layer quantized
-                if fp_layer is not None:
-                    fp_inputs = run_layer(fp_layer, fp_inputs, kwargs, device)
+            done, inputs, fp_inputs = quantize_layer(layer, inputs, kwargs, cfg, device, fp_inputs)
+            result.update({names[linear]: qw for linear, qw in done.items()})
             layer.to(home)
+        if lm_head:
+            result["lm_head"] = quantize_lm_head(model, inputs, fp_inputs, cfg, device, home)
     finally:
         for handle in handles:
             handle.remove()
     model.model.embed_tokens.to(home)
     model.model.rotary_emb.to(home)
     return result
+
+
+@torch.no_grad()
+def quantize_lm_head(
+    model: LlamaForCausalLM, inputs: list[torch.Tensor], fp_inputs: list[torch.Tensor] | None, cfg: GPTQConfig,
+    device: torch.device, home: torch.device,
+) -> QuantizedWeight:
+    """GPTQ of lm_head on the final norm of the last layer's outputs (quantized model; GPTAQ's cross term
+    against the full-precision model's with `fp_inputs`)."""
+    norm, head = model.model.norm.to(device), model.lm_head.to(device)
+    acc = HessianAccumulator(head, cross=fp_inputs is not None)
+    for i, x in enumerate(inputs):
+        if fp_inputs is not None:
+            acc.fp_input = norm(fp_inputs[i].to(device)).reshape(-1, head.in_features).float()
+        run_until(head, lambda: head(norm(x.to(device))))
+    done = quantize_group([head], acc.hessian(), cfg, acc.cross_term())
+    norm.to(home), head.to(home)
+    return done[head]
 
 
 @torch.no_grad()
@@ -483,8 +568,9 @@ def run_gptq(
     device: torch.device,
     model_name: str,
     rotation: str,
+    lm_head: bool = False,
 ) -> GPTQResult:
-    """GPTQ on the first `cfg.windows` windows of the calibration text (all of them if it has fewer)."""
+    """GPTQ on the first `cfg.windows` windows of the calibration text (all of them if it has fewer); of lm_head too with `lm_head`."""
     if not calibration.is_file():
         raise UserError(f"calibration text not found: {calibration}")
     text = calibration.read_text(encoding="utf-8")
@@ -492,7 +578,7 @@ def run_gptq(
     if len(windows) < cfg.windows:
         print(f"GPTQ: the calibration text has {len(windows)} windows of {cfg.seqlen} tokens, using them all", file=sys.stderr)
     start = time.time()
-    weights = rtn_model(model, cfg) if cfg.method == "rtn" else gptq_model(model, windows, cfg, device)
+    weights = rtn_model(model, cfg) if cfg.method == "rtn" else gptq_model(model, windows, cfg, device, lm_head=lm_head)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return GPTQResult(

@@ -9,7 +9,6 @@ decoder layer, the embedding, lm_head) at a time, widening a bf16 model to float
 torchao's quantization follows each part, so the export never holds a float32 copy of the whole model.
 """
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +72,11 @@ def prepare(
         if tokenizer is None:
             raise UserError("GPTQ needs the model's tokenizer for its calibration text")
         home = next(model.parameters()).device
-        result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, home, model.name_or_path, rotation_id(spec, seed))
+        result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, home, model.name_or_path, rotation_id(spec, seed),
+                          lm_head=gptq_takes_lm_head(quant))
     elif isinstance(gptq, GPTQResult):
         # After the rotation: the saved names are the rotated model's (down_proj's linear inside its Hadamard wrapper).
-        check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1])
+        check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1], gptq_takes_lm_head(quant))
         put_gptq_weights(model, gptq)
     if not each_part:
         quantize(model, quant, result)
@@ -91,6 +91,14 @@ def quantizes_each_part(quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GP
     holds a float32 copy of itself whole (Llama 3.2 3B: 13 GB). GPTQ needs the whole rotated model first,
     a device move the whole model, and fake quantization (evaluation) keeps its float weights anyway."""
     return isinstance(quant, ProgramQuant) and gptq is None and device is None
+
+
+def gptq_takes_lm_head(quant: QuantConfig | ProgramQuant) -> bool:
+    """GPTQ quantizes lm_head too when it is int4 in the decoder linears' groups (the 8da4w lm_head): measured,
+    it takes the 4-bit lm_head's cost from +6.7% to +0.6% of perplexity (results/gptq_cpu.md)."""
+    if isinstance(quant, ProgramQuant):
+        return quant.lm_head == "8da4w"
+    return quant.lm_head and (quant.lm_head_bits, quant.lm_head_group) == (quant.w_bits, quant.w_group)
 
 
 def weight_bits_and_group(quant: QuantConfig | ProgramQuant) -> tuple[int, int]:
@@ -130,5 +138,6 @@ def quantize(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: G
         if gptq is not None:
             write_gptq_weights(model, gptq)  # torchao rounded to nearest: GPTQ's integers replace its own
     else:
-        # The weights hold GPTQ's values already: only activations and K/V are left to quantize.
-        quantize_model(model, dataclasses.replace(quant, w_bits=16) if gptq is not None else quant)
+        # GPTQ's linears hold their quantized values already: only their inputs, and K/V, are left to quantize.
+        done = [model.get_submodule(name) for name in gptq.weights] if gptq is not None else []
+        quantize_model(model, quant, weights_done=done)

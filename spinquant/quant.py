@@ -7,6 +7,7 @@ torchao's 8da4w tensors compute, and what the exported program runs.
 """
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -220,8 +221,9 @@ def check_groups(model: LlamaForCausalLM, qc: QuantConfig) -> None:
             raise UserError(f"weight group size {qc.w_group} does not divide {name}'s {m.in_features} inputs")
 
 
-def quantize_model(model: LlamaForCausalLM, qc: QuantConfig) -> LlamaForCausalLM:
-    """Fake-quantize in place: weights now, activations and K/V on every forward."""
+def quantize_model(model: LlamaForCausalLM, qc: QuantConfig, weights_done: Collection[nn.Linear] = ()) -> LlamaForCausalLM:
+    """Fake-quantize in place: weights now, activations and K/V on every forward. `weights_done`: linears whose
+    weights hold quantized values already (GPTQ's), left as they are; their inputs are quantized all the same."""
     check_groups(model, qc)
     if qc.lm_head or qc.embedding_bits < 16:
         untie_embeddings(model)  # each gets its own quantization
@@ -229,7 +231,8 @@ def quantize_model(model: LlamaForCausalLM, qc: QuantConfig) -> LlamaForCausalLM
         embedding = model.model.embed_tokens
         embedding.weight.data = fake_quantize(embedding.weight.data, qc.embedding_bits, 0, symmetric=True)
         for linear, linear_qc in quantized_linears(model, qc):
-            linear.weight.data = quantize_weight(linear.weight.data, linear_qc)
+            if linear not in weights_done:
+                linear.weight.data = quantize_weight(linear.weight.data, linear_qc)
             if qc.a_bits < 16:
                 linear.register_forward_pre_hook(quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip))
     use_kv_quantization(model, qc)

@@ -13,11 +13,13 @@ from transformers import (MistralConfig, MistralForCausalLM, Phi3Config, Phi3For
 
 import spinquant
 from conftest import SAMPLE_TEXT
+from gptq_reference import whole_model_gptq
 from spinquant.models import randomize_norm_gains, train_bpe_tokenizer
 from export.to_pte import main as export_main
 from export.to_pte import run
 from export.options import ExportOptions
 from spinquant import optimize
+from spinquant.gptq import gptq_model
 from spinquant.hadamard import random_orthogonal_matrix
 from spinquant.rotation import rotations_for
 
@@ -78,6 +80,17 @@ def test_gptq_and_the_export_check(family_dir, tmp_path):
     assert set(model.spinquant.gptq.weights) == linears and len(linears) == 2 * (4 if "phi3" in family_dir.name else 7)
     report = run(ExportOptions(model=str(family_dir), rotation="hadamard", max_seq_len=64, output_dir=tmp_path).check())
     assert report["verify"]["mean_kl"] < 1e-3  # a wrong program is off by nats; top-1 flips at near-ties of a random model
+
+
+def test_layer_at_a_time_gptq_equals_the_whole_model_reference(family_dir):
+    """gptq_model computes each layer's parts once (attention, o_proj, the MLP's inner input): the same integers as rerunning
+    both whole models for every group, on each family's layer layout (Phi-3's fused projections, Qwen3's q_norm/k_norm)."""
+    model = spinquant.prepare(spinquant.load_model(str(family_dir)).model, "hadamard")
+    windows = torch.randint(0, model.config.vocab_size, (4, 40), generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model)
+    got = gptq_model(model, windows, spinquant.GPTQConfig(), torch.device("cpu"), progress=False, lm_head=True)
+    want = whole_model_gptq(reference, windows, spinquant.GPTQConfig(), lm_head=True)
+    assert set(got) == set(want) and all(torch.equal(got[n].qdata, want[n].qdata) for n in want)
 
 
 def test_rotation_learning_runs(family_dir, tmp_path):

@@ -12,6 +12,7 @@ from spinquant.errors import UserError
 from spinquant.data import text_sha256
 from spinquant.eval import gptq_config_from_args, parse_args
 from spinquant.eval import main as eval_main
+from gptq_reference import whole_model_gptq
 from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer, upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config
 from spinquant.quant import fake_quantize, setting
@@ -177,7 +178,7 @@ def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
     "extra,message",
     [
         (["--quant", "fp"], "--w-gptq needs quantized weights"), (["--w-asym"], "drop --w-asym"),
-        (["--quantize-lm-head"], "drop --quantize-lm-head"), (["--w-clip-search"], "--w-clip-search is round-to-nearest's"),
+        (["--w-clip-search"], "--w-clip-search is round-to-nearest's"),
     ],
 )
 def test_eval_refuses_what_gptq_cannot_do(tiny_hf_dir, extra, message):
@@ -277,3 +278,17 @@ def test_model_gptaq_calibrates_against_the_full_precision_model_and_leaves_no_h
     for name, qw in gptaq.items():
         assert torch.equal(gptaq_model.get_submodule(name).weight, qw.dequantize())
     assert all(not m._forward_pre_hooks for m in gptaq_model.modules())
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_layer_at_a_time_gptq_equals_the_whole_model_reference(lm_head):
+    """gptq_model runs each layer once per stage and the full-precision layer once; the reference reruns both whole
+    models for every group. Same Hessians, so the same integers, lm_head's included."""
+    windows = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(0))
+    ours, reference = tiny_rotated_model(), tiny_rotated_model()
+    reference.load_state_dict(ours.state_dict())
+    got = gptq_model(ours, windows, GPTQConfig(group=32), torch.device("cpu"), progress=False, lm_head=lm_head)
+    want = whole_model_gptq(reference, windows, GPTQConfig(group=32), lm_head)
+    assert set(got) == set(want) and ("lm_head" in got) == lm_head
+    assert all(torch.equal(got[n].qdata, want[n].qdata) and torch.equal(got[n].scale, want[n].scale) for n in want)
+    assert torch.equal(ours.lm_head.weight, reference.lm_head.weight) and all(not m._forward_pre_hooks for m in ours.modules())

@@ -1,19 +1,16 @@
-"""What a 4-bit lm_head costs in quality: the .pte's perplexity with the default 8da8w lm_head against
-`--lm-head 8da4w`, with round-to-nearest and with GPTQ decoder weights.
+"""What a 4-bit lm_head costs in quality: the .pte's perplexity with an 8da8w lm_head against the 8da4w one,
+with round-to-nearest weights and with GPTQ's (which quantizes the 8da4w lm_head too).
 
     python scripts/lm_head_table.py --device cuda --skip-programs   # fake quantization, on a GPU
     python scripts/lm_head_table.py                                 # the programs, on this CPU
 
-Each program is `python -m export.to_pte --full-logits [--lm-head 8da4w] [--gptq-file FILE]` in a fresh
-process (the default rotation: the learned one), run on the first `--max-windows` windows of 2048 tokens
-of the evaluation text (prefill in chunks, as scripts/export_table.py measures a program). GPTQ
-(spinquant/gptq.py) quantizes the decoder's linears only and leaves the lm_head to round-to-nearest, so
-one GPTQ result serves both lm_heads: it is made once, as `export.to_pte --gptq` makes it (GPTQConfig()
-on the packaged calibration text, on this CPU), saved beside the programs and given to both GPTQ exports.
-Beside each program, `spinquant.eval`'s fake quantization of the same setting (`w4a8-export-kv8`, the lm_head 4-bit
-in groups of 32 for 8da4w, GPTQConfig() for the GPTQ rows): GPTQ on a 2-core CPU takes longer than a session has
-beside the programs, on a GPU a minute and a half. Each part is kept with the device it ran on.
-Writes results/lm_head_4bit.json (resumable: rows and parts already there are kept) and results/lm_head_4bit.md.
+Each program is `python -m export.to_pte --full-logits --lm-head L --gptq|--no-gptq` in a fresh process (every other
+option at its default: the learned rotation, GPTQ on 8 windows of 1,024 tokens of the packaged calibration text, on this
+CPU), run on the first `--max-windows` windows of 2048 tokens of the evaluation text (prefill in chunks, as
+scripts/export_table.py measures a program). Beside each program, `spinquant.eval`'s fake quantization of the same
+setting (`w4a8-export-kv8`, the lm_head 4-bit in groups of 32 for 8da4w, the export's GPTQ request for the GPTQ rows).
+Each part is kept with the device it ran on. Writes results/lm_head_4bit.json (resumable: rows and parts already there
+are kept) and results/lm_head_4bit.md.
 """
 
 import argparse
@@ -26,14 +23,12 @@ import torch
 from pte_tables import full_logits_export, resumed_results
 from transformers import AutoTokenizer
 
+from export.options import ExportOptions
 from spinquant.data import evaluation_text, read_text, token_windows
 from spinquant.environment import environment_line
 from spinquant.eval import evaluate
 from spinquant.files import write_atomic, write_json_atomic
-from spinquant.gptq import GPTQConfig
 from spinquant.metrics import perplexity_of
-from spinquant.models import load_model
-from spinquant.pipeline import prepare
 from spinquant.quant import setting
 from spinquant.rotation import LEARNED_ROTATIONS
 
@@ -42,7 +37,7 @@ ROWS = {
     "8da8w lm_head, RTN": ("8da8w", False),
     "8da4w lm_head, RTN": ("8da4w", False),
     "8da8w lm_head, GPTQ": ("8da8w", True),
-    "8da4w lm_head, GPTQ": ("8da4w", True),
+    "8da4w lm_head, GPTQ (the default)": ("8da4w", True),
 }
 
 
@@ -51,30 +46,19 @@ def fake_quant(name: str, text: str, max_windows: int, device: str) -> dict:
     lm_head, gptq = ROWS[name]
     qc = setting("w4a8-export-kv8", **(dict(lm_head_bits=4, lm_head_group=32) if lm_head == "8da4w" else {}))
     windows_of = lambda tokenizer: token_windows(tokenizer, text, 2048, max_windows)  # noqa: E731
-    ppl = evaluate("smollm2-135m", str(LEARNED_ROTATIONS["smollm2-135m"]), qc, windows_of, device=device, gptq=GPTQConfig() if gptq else None)
+    request = ExportOptions(lm_head=lm_head, gptq=gptq).check().gptq_request()
+    ppl = evaluate("smollm2-135m", str(LEARNED_ROTATIONS["smollm2-135m"]), qc, windows_of, device=device, gptq=request)
     return dict(fake_quant_perplexity=ppl, fake_quant_device=torch.cuda.get_device_name() if device.startswith("cuda") else "this CPU",
                 setting=dataclasses.asdict(qc))
 
 
-def make_gptq_file(path: Path) -> dict:
-    """GPTQ exactly as `export.to_pte --gptq` runs it for the default export, saved for --gptq-file."""
-    from export.options import ExportOptions
-
-    opts = ExportOptions(gptq=True).check()
-    loaded = load_model(opts.model, None)
-    model = prepare(loaded.model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
-                    calib_text=opts.calib_text, seed=opts.seed)
-    model.spinquant.gptq.save(path)
-    return dict(file=str(path), **model.spinquant.gptq.describe())
-
-
-def measure(lm_head: str, gptq_file: Path | None, out: Path, text: str, max_windows: int) -> dict:
+def measure(lm_head: str, gptq: bool, out: Path, text: str, max_windows: int) -> dict:
     from runner.pte import PteProgram  # ExecuTorch's runtime: not on a GPU machine that runs the fake quantization alone
 
-    report, _ = full_logits_export(out, "--lm-head", lm_head, *(["--gptq-file", str(gptq_file)] if gptq_file else []))
+    report, _ = full_logits_export(out, "--lm-head", lm_head, "--gptq" if gptq else "--no-gptq")
     windows = token_windows(AutoTokenizer.from_pretrained(out), text, 2048, max_windows)
     return dict(
-        lm_head=lm_head, gptq_file=str(gptq_file) if gptq_file else None, pte_perplexity=perplexity_of(PteProgram(out / "model.pte").prefill_logits, windows),
+        lm_head=lm_head, gptq=report["gptq"], pte_perplexity=perplexity_of(PteProgram(out / "model.pte").prefill_logits, windows),
         pte_mib=report["pte_bytes"] / 2**20, lm_head_mb=report["parts"]["lm_head"] / 1e6, verify=report["verify"],
         rotation=report["options"]["rotation"],
     )
@@ -89,13 +73,13 @@ def markdown(results: dict, command: str) -> str:
         "",
         f"Machine and libraries: {results['environment']}.",
         "",
-        "Each row: `python -m export.to_pte --full-logits --lm-head L [--gptq-file FILE]` with every other option "
-        f"at its default (learned rotation, 8da4w g32 decoder linears, 8-bit embedding). Perplexity of the .pte on the first "
+        "Each row: `python -m export.to_pte --full-logits --lm-head L --gptq|--no-gptq` with every other option "
+        f"at its default (learned rotation, 8da4w g32 decoder linears, 8-bit embedding, int8 KV cache). Perplexity of the .pte on the first "
         f"{results['max_windows']} windows of 2048 tokens of `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`), "
-        "computed by running the program (prefill in chunks). GPTQ covers the decoder's linears only "
-        "(`spinquant/gptq.py` skips the lm_head): in the GPTQ rows the lm_head is round-to-nearest too, and both "
-        f"take the same GPTQ integers ({gptq_line(results.get('gptq'))}). lm_head MB: the lm_head's quantized weights "
-        "as the export reports them (int4 values held in int8 before XNNPACK packs them).",
+        "computed by running the program (prefill in chunks). GPTQ: the export's own, on this CPU (8 windows of 1,024 tokens "
+        "of the packaged calibration text); with the 8da4w lm_head it quantizes the lm_head too, the 8da8w one is rounded "
+        "to nearest. lm_head MB: the lm_head's quantized weights as the export reports them (int4 values held in int8 "
+        "before XNNPACK packs them).",
         "",
         "Fake quantization: `spinquant.eval` in the same setting on the same windows, on "
         + (", ".join(sorted({r["fake_quant_device"] for r in rows.values() if "fake_quant_device" in r})) or "no device yet") + ".",
@@ -112,16 +96,8 @@ def markdown(results: dict, command: str) -> str:
         lines.append(f"| {name} | {pte[0]} | {fake} | {'; '.join(changes)} | {pte[1]} | {pte[2]} | {pte[3]} |")
     missing = [n for n in ROWS if "pte_perplexity" not in rows.get(n, {})]
     if missing:
-        lines += ["", f"Programs not measured yet: {', '.join(missing)} (the command above with `--rows` naming them adds them; "
-                  "GPTQ on this CPU, 47 calibration windows of 2048 tokens, did not fit a session beside the other programs)."]
+        lines += ["", f"Programs not measured yet: {', '.join(missing)} (the command above with `--rows` naming them adds them)."]
     return "\n".join(lines) + "\n"
-
-
-def gptq_line(gptq: dict | None) -> str:
-    if not gptq:
-        return "not made yet"
-    return (f"`GPTQConfig()` on `{gptq['calibration']}`, {gptq['windows']} windows, "
-            f"{gptq['linears']} linears, {gptq['seconds']:.0f} s on this CPU")
 
 
 def main() -> None:
@@ -141,7 +117,6 @@ def main() -> None:
         results.update(environment=environment_line())
     command = shlex.join(["python", "scripts/lm_head_table.py", *sys.argv[1:]])
     results["commands"] = list(dict.fromkeys([*results.get("commands", []), command]))
-    gptq_file = args.work_dir / "gptq.pt"
     for name in args.rows:
         row = results["rows"].setdefault(name, {})
         if "fake_quant_perplexity" not in row:
@@ -149,9 +124,7 @@ def main() -> None:
             write_json_atomic(json_path, results)
         lm_head, gptq = ROWS[name]
         if "pte_perplexity" not in row and not args.skip_programs:
-            if gptq and not gptq_file.is_file():
-                results["gptq"] = make_gptq_file(gptq_file)
-            row.update(measure(lm_head, gptq_file if gptq else None, args.work_dir / name.replace(", ", "_").replace(" ", "_"), text, args.max_windows))
+            row.update(measure(lm_head, gptq, args.work_dir / name.replace(", ", "_").replace(" ", "_"), text, args.max_windows))
             print(f"{name}: .pte perplexity {row['pte_perplexity']:.3f}", file=sys.stderr, flush=True)
             write_json_atomic(json_path, results)
     write_atomic(args.output.with_suffix(".md"), markdown(results, ", then ".join(f"`{c}`" for c in results["commands"])).encode())

@@ -159,14 +159,15 @@ def check_result_fits(
         raise misfit(source, f"was made with group size {result.config.group}, the export uses --group-size {group}")
     if result.rotation != rotation:
         raise misfit(source, f"was made under rotation {result.rotation}, the export uses {rotation}")
+    linears = gptq_linears(model, lm_head=False)
+    if missing := sorted(linears.keys() - result.weights.keys()):
+        raise misfit(source, f"has no weights for {missing[0]} ({len(missing)} linears of this model missing)")
+    if extra := sorted(result.weights.keys() - linears.keys() - {"lm_head"}):
+        raise misfit(source, f"has weights for {extra[0]}, which is not a linear of this model")
     if lm_head != ("lm_head" in result.weights):
         made, needs = ("with", "an 8-bit one") if not lm_head else ("without", "an int4 one in its groups")
         raise misfit(source, f"was made {made} a GPTQ lm_head; this quantization's lm_head is {needs}")
     linears = gptq_linears(model, lm_head)
-    if missing := sorted(linears.keys() - result.weights.keys()):
-        raise misfit(source, f"has no weights for {missing[0]} ({len(missing)} linears of this model missing)")
-    if extra := sorted(result.weights.keys() - linears.keys()):
-        raise misfit(source, f"has weights for {extra[0]}, which is not a linear of this model")
     for name, qw in result.weights.items():
         out, inputs = linears[name].weight.shape
         if qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):
@@ -295,7 +296,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig, 
             s = column_scales[:, col] if column_scales is not None else scales[:, col // group]
             q[:, col] = quantize_with_scale(wb[:, i], s, cfg.bits)
             err[:, i] = (wb[:, i] - q[:, col] * s.to(w.dtype)) / ub[i, i]
-            wb[:, i:] -= err[:, i : i + 1] * ub[i : i + 1, i:]
+            wb[:, i + 1 :].addr_(err[:, i], ub[i, i + 1 :], alpha=-1)  # in place: no rows × columns temporary per column
         w[:, b1:] -= err @ u[b0:b1, b1:]
     q = q[:, torch.argsort(perm)]
     return QuantizedWeight(q.to(torch.int8), scales)

@@ -189,11 +189,11 @@ def test_a_llama_with_biases_exports_and_passes_the_check(tiny_hf_dir, tmp_path,
 
 
 @pytest.fixture(scope="module")
-def decoder_shapes(tiny_hf_dir) -> dict[str, tuple[int, int]]:
-    """Every decoder linear GPTQ quantizes in the tiny model under R4, with its weight's shape."""
+def gptq_shapes(tiny_hf_dir) -> dict[str, tuple[int, int]]:
+    """Every linear GPTQ quantizes in the tiny model's default export under R4 (its 8da4w lm_head too), with its weight's shape."""
     model = load_model(str(tiny_hf_dir)).model
     apply_rotations(model, rotations_for("r4", model.config))
-    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def gptq_file(path: Path, shapes: dict, model: str, rotation: str = "r4", group: int = 32) -> Path:
@@ -212,6 +212,8 @@ GPTQ_FILES = {
         "holds (128, 64) integers with (128, 2) scales for model.layers.0.self_attn.q_proj, whose weight is (64, 64)",
     ),
     "other linears": (lambda p, shapes, model: gptq_file(p, {f"x.{k}": v for k, v in shapes.items()}, model), "has no weights for model.layers.0.mlp.down_proj.linear"),
+    "no lm_head": (lambda p, shapes, model: gptq_file(p, {k: v for k, v in shapes.items() if k != "lm_head"}, model),
+                   "was made without a GPTQ lm_head; this quantization's lm_head is an int4 one in its groups"),
     "truncated": (lambda p, shapes, model: cut_in_half(gptq_file(p, shapes, model)), "corrupt, truncated or not a torch file"),
     "random bytes": (lambda p, shapes, model: p.write_bytes(os.urandom(3000)), "corrupt, truncated or not a torch file"),
     "a rotation file": (lambda p, shapes, model: shutil.copy(REAL_ROTATION, p), "has no 'weights': it is not a saved GPTQ result"),
@@ -220,10 +222,10 @@ GPTQ_FILES = {
 
 
 @pytest.mark.parametrize("case", GPTQ_FILES)
-def test_a_gptq_file_that_does_not_fit_is_one_line(case, tiny_hf_dir, decoder_shapes, tmp_path, capsys):
+def test_a_gptq_file_that_does_not_fit_is_one_line(case, tiny_hf_dir, gptq_shapes, tmp_path, capsys):
     make, problem = GPTQ_FILES[case]
     path = tmp_path / "gptq.pt"
-    make(path, decoder_shapes, str(tiny_hf_dir))
+    make(path, gptq_shapes, str(tiny_hf_dir))
     line = export_refuses(capsys, tmp_path / "out", "--model", str(tiny_hf_dir), "--rotation", "r4", "--gptq-file", str(path))
     assert problem in line and str(path) in line and "--gptq-output FILE" in line
 

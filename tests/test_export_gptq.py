@@ -14,10 +14,11 @@ from spinquant.quant import setting
 
 @pytest.fixture(scope="module")
 def gptq_file(tiny_hf_dir, tmp_path_factory):
-    """GPTQ of the tiny model under R4 on 4 windows of 64 tokens, saved as `spinquant.eval --gptq-output` does."""
+    """GPTQ of the tiny model under R4 on 4 windows of 64 tokens, its 4-bit lm_head too, saved as `spinquant.eval --gptq-output` does."""
     loaded = load_model(str(tiny_hf_dir))
     cfg = GPTQConfig(group=32, windows=4, seqlen=64)
-    model = prepare(loaded.model, "r4", setting("w4a8"), cfg, tokenizer=loaded.tokenizer, calib_text=tiny_hf_dir.parent / "text.txt")
+    model = prepare(loaded.model, "r4", setting("w4a8", lm_head_bits=4, lm_head_group=32), cfg, tokenizer=loaded.tokenizer,
+                    calib_text=tiny_hf_dir.parent / "text.txt")
     path = tmp_path_factory.mktemp("gptq") / "gptq.pt"
     model.spinquant.gptq.save(path)
     return path
@@ -32,7 +33,7 @@ def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, t
     opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path).check()
     report = run(opts)  # its own check compares the program with the eager GPTQ model
     result = GPTQResult.load(gptq_file)
-    assert report["gptq"]["calibration_sha256"] == result.calibration_sha256
+    assert report["gptq"]["calibration_sha256"] == result.calibration_sha256 and "lm_head" in result.weights
     gptq_eager, rtn_eager = eager_8da4w(tiny_hf_dir, opts, result), eager_8da4w(tiny_hf_dir, opts, None)
     differ = 0
     for name, qw in result.weights.items():
@@ -55,12 +56,21 @@ def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, t
     [
         (dict(rotation="hadamard"), "made under rotation r4, the export uses hadamard:seed0"),
         (dict(group_size=64), "made with group size 32, the export uses --group-size 64"),
+        (dict(lm_head="8da8w"), "was made with a GPTQ lm_head; this quantization's lm_head is an 8-bit one"),
     ],
 )
 def test_a_gptq_file_from_another_setup_is_refused(tiny_hf_dir, gptq_file, tmp_path, overrides, message):
     opts = ExportOptions(model=str(tiny_hf_dir), gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path, **overrides)
     with pytest.raises(UserError, match=message):
         run(opts.check())
+
+
+def test_gptq_is_the_default_for_int4_linears():
+    assert ExportOptions().check().gptq and ExportOptions().lm_head == "8da4w"
+    assert not ExportOptions(qlinear="8da8w").check().gptq and not ExportOptions(gptq_file="g.pt").check().gptq
+    assert not ExportOptions(gptq=False).check().gptq_request()
+    request = ExportOptions(max_seq_len=512).check().gptq_request()
+    assert (request.windows, request.seqlen) == (8, 512)  # windows no longer than the program's context
 
 
 def test_gptq_options_are_checked_before_loading():

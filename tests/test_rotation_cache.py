@@ -64,9 +64,9 @@ def test_learns_once_beside_the_model_and_exports(qwen3_dir, tmp_path, monkeypat
 
 def test_another_recipe_or_plan_learns_its_own(qwen3_dir, tmp_path):
     rtn = Path(export(qwen3_dir, tmp_path / "rtn")["options"]["rotation"])
-    gptq = Path(export(qwen3_dir, tmp_path / "gptq", "--gptq", "--gptq-windows", "8")["options"]["rotation"])
+    int8 = Path(export(qwen3_dir, tmp_path / "int8", "--qlinear", "8da8w")["options"]["rotation"])
     longer = Path(export(qwen3_dir, tmp_path / "longer", "--learn-iters", "5")["options"]["rotation"])
-    assert "-executorch-" in gptq.name and len({rtn, gptq, longer}) == 3
+    assert "-executorch-" in int8.name and "-w4a8-" in rtn.name and len({rtn, int8, longer}) == 3
 
 
 def test_an_interrupted_run_resumes(qwen3_dir, tmp_path, monkeypatch):

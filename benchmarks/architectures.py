@@ -90,7 +90,7 @@ def main() -> None:
         fusion = fusion_error(name)
         with tempfile.TemporaryDirectory() as tmp:
             write_random_model(Path(tmp) / "model", SHAPES[name])
-            run = timed_export(["--model", str(Path(tmp) / "model"), "--rotation", "hadamard", "--max-seq-len", str(args.max_seq_len)],
+            run = timed_export(["--model", str(Path(tmp) / "model"), "--rotation", "hadamard", "--no-gptq", "--max-seq-len", str(args.max_seq_len)],
                                Path(tmp) / "out")
         rows.append(row(name, fusion, run))
         print(rows[-1], file=sys.stderr)
@@ -102,8 +102,8 @@ def main() -> None:
         f"Machine and libraries: {environment_line()}; {os.cpu_count()} cores. Load average (1 min) at each export's start is in the "
         "table: other processes running at the same time slow it down.",
         "",
-        f"Every program: `python -m export.to_pte --rotation hadamard --max-seq-len {args.max_seq_len}` (random Hadamard R1/R2, R4 "
-        "folded with our online Hadamard kernel; 8da4w g32, 8-bit embedding, 8da8w lm_head). Fusion error: float64, "
+        f"Every program: `python -m export.to_pte --rotation hadamard --no-gptq --max-seq-len {args.max_seq_len}` (random Hadamard R1/R2, R4 "
+        "folded with our online Hadamard kernel; 8da4w g32 and 8da4w lm_head rounded to nearest, 8-bit embedding). Fusion error: float64, "
         "the shape's first 2 layers with a 1,024-token vocabulary, random norm gains.",
         "",
         "| shape | layers | parameters | Hadamard sizes | fusion error (max \\|Δ logit\\|) | export wall s (check included) | peak RSS MB | .pte MiB | check: mean KL, top-1 | load at start |",

@@ -65,10 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def ensure_export(directory: Path, rotation: str | None, options: dict[str, str] | None = None) -> dict:
     """The export's report; exported first when the directory has no program. `rotation` None: the
     default export (the model's default rotation); otherwise an export with this rotation. `options`:
-    other export options by name (`{"lm_head": "8da4w"}` exports with `--lm-head 8da4w`), checked too."""
+    other export options by name (`{"lm_head": "8da4w"}` exports with `--lm-head 8da4w`, `{"gptq": False}` with
+    `--no-gptq`), checked too."""
     options = options or {}
     if not (directory / "model.pte").is_file():
-        extra = (["--rotation", rotation] if rotation else []) + [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", v)]
+        extra = (["--rotation", rotation] if rotation else []) + [a for k, v in options.items() for a in flag(k, v)]
         subprocess.run([sys.executable, "-m", "export.to_pte", "--output-dir", str(directory), *extra], cwd=ROOT, check=True)
     report = json.loads((directory / "export_report.json").read_text())
     made = report["options"]
@@ -81,6 +82,14 @@ def ensure_export(directory: Path, rotation: str | None, options: dict[str, str]
         if made.get(name) != value:
             sys.exit(f"{directory} was exported with --{name.replace('_', '-')} {made.get(name)}, not {value}")
     return report
+
+
+def flag(name: str, value: str | bool) -> tuple[str, ...]:
+    """An export option as its command-line flag(s)."""
+    option = name.replace("_", "-")
+    if isinstance(value, bool):
+        return (f"--{option}",) if value else (f"--no-{option}",)
+    return (f"--{option}", value)
 
 
 def prompt_ids(tokenizer_dir: Path, n: int) -> list[int]:

@@ -80,7 +80,7 @@ SHAPES = {
 DEMO_TITLE = "Export of the demo model (SmolLM2-135M-Instruct)"
 DEMO_OUTPUT = Path("results/export_time_smollm2.md")
 DEMO_CONFIG_LINE = ("Model: the built-in demo model; every option at `python -m export.to_pte`'s default (learned rotation, "
-                    "8da4w g32, 8-bit embedding, 8da8w lm_head, KV cache 2048).")
+                    "GPTQ 8da4w g32, 8-bit embedding, GPTQ 8da4w lm_head, int8 KV cache 2048).")
 
 
 def config_line(shape: Shape) -> str:
@@ -89,7 +89,7 @@ def config_line(shape: Shape) -> str:
     return (f"Config: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads, "
             f"{c['num_key_value_heads']} KV heads, head_dim {c['head_dim']}, MLP {c['intermediate_size']}, vocabulary {c['vocab_size']}, "
             f"{'tied' if c['tie_word_embeddings'] else 'untied'} embeddings, {rope} RoPE scaling; random bf16 weights; defaults of "
-            "`python -m export.to_pte` otherwise (8da4w g32, 8-bit embedding, 8da8w lm_head, KV cache 2048).")
+            "`python -m export.to_pte --no-gptq` otherwise (8da4w g32 and 8da4w lm_head rounded to nearest, 8-bit embedding, int8 KV cache 2048).")
 
 
 def write_random_model(directory: Path, shape: Shape, seed: int = 0) -> None:
@@ -167,7 +167,7 @@ def main() -> None:
         argv = ["--rotation", args.rotation] if args.rotation else []
         if args.model in SHAPES:
             write_random_model(Path(tmp) / "model", SHAPES[args.model])
-            argv += ["--model", str(Path(tmp) / "model")]
+            argv += ["--model", str(Path(tmp) / "model"), "--no-gptq"]  # random weights: GPTQ would fit noise, for hours
         for i in range(args.repeats):
             runs.append(timed_export(argv, Path(tmp) / f"out{i}"))
     output = args.output or (SHAPES[args.model].output if args.model in SHAPES else DEMO_OUTPUT)

@@ -51,11 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def ensure_shape_export(directory: Path, shape: str) -> dict:
-    """The default export of random weights at `shape`'s shapes; exported first when missing."""
+    """The default export of random weights at `shape`'s shapes, round to nearest (GPTQ of random weights fits noise, for
+    hours on this CPU); exported first when missing."""
     if not (directory / "model.pte").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             write_random_model(Path(tmp) / "model", SHAPES[shape])
-            subprocess.run([sys.executable, "-m", "export.to_pte", "--model", str(Path(tmp) / "model"), "--output-dir", str(directory)],
+            subprocess.run([sys.executable, "-m", "export.to_pte", "--model", str(Path(tmp) / "model"), "--no-gptq", "--output-dir", str(directory)],
                            cwd=ROOT, check=True)
     return json.loads((directory / "export_report.json").read_text())
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     command = shlex.join(["python", "benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
     load_start = os.getloadavg()[0]
     demo_report, shape_report = ensure_export(args.pte, None), ensure_shape_export(args.shape_pte, args.shape)
-    fp32_report = ensure_export(args.pte_kv_fp32, None, {"kv_cache": "fp32"})
+    fp32_report = ensure_export(args.pte_kv_fp32, None, {"kv_cache": "fp32", "lm_head": "8da4w", "gptq": False})  # as vs_optimum.py's: its weights' values do not change its memory
     gguf = args.gguf or demo_gguf_path(demo_report["options"]["model"])
     demo_rows = [pte_row("pte", program_label(args.pte, demo_report), args.pte, demo_report),
                  pte_row("pte_kv_fp32", program_label(args.pte_kv_fp32, fp32_report), args.pte_kv_fp32, fp32_report)]

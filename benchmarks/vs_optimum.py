@@ -2,9 +2,10 @@
 
     python benchmarks/vs_optimum.py --optimum /work/optimum-demo
 
-Programs: our default export (`python -m export.to_pte`: learned rotation + online Hadamard, 8da4w g32,
-8da8w lm_head, int8 KV cache with R3), the same with `--lm-head 8da4w` (a 4-bit lm_head, as optimum's) and with
-`--kv-cache fp32` (the float KV cache against the int8 one), and optimum's program
+Programs: our default export (`python -m export.to_pte`: learned rotation + online Hadamard, GPTQ 8da4w g32,
+8da4w lm_head, int8 KV cache with R3), the same with `--lm-head 8da8w` (an 8-bit lm_head) and with
+`--kv-cache fp32` (the float KV cache against the int8 one), both `--no-gptq` (the integers' values do not change
+what a program computes per token, only which numbers it reads), and optimum's program
 (benchmarks/optimum_program.sh makes it, in a venv of its own). A missing export of ours is made first.
 Every program is driven the same way, by ExecuTorch's own C++ TextLLMRunner (the runner of its Android
 and iOS demo apps, through executorch's Python bindings) in this environment's runtime, each in a
@@ -43,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--optimum", type=Path, default=Path("/work/optimum-demo"), help="directory of optimum's program (benchmarks/optimum_program.sh)")
     p.add_argument("--pte", type=Path, default=Path("out/demo"), help="our default export (exported here if it has no model.pte)")
-    p.add_argument("--pte-lm-head-4bit", type=Path, default=Path("out/demo-lm-head-8da4w"), help="our export with --lm-head 8da4w (likewise)")
-    p.add_argument("--pte-kv-fp32", type=Path, default=Path("out/demo-kv-fp32"), help="our export with --kv-cache fp32 (likewise)")
+    p.add_argument("--pte-lm-head-8bit", type=Path, default=Path("out/demo-lm-head-8da8w"), help="our export with --lm-head 8da8w --no-gptq (likewise)")
+    p.add_argument("--pte-kv-fp32", type=Path, default=Path("out/demo-kv-fp32"), help="our export with --kv-cache fp32 --no-gptq (likewise)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -62,7 +63,8 @@ def our_program(row_id: str, directory: Path, options: dict[str, str] | None = N
     if o["full_logits"]:  # its prefill would run the lm_head at every prompt position
         sys.exit(f"{directory} was exported with --full-logits; this benchmark times the program that ships")
     kv = f", KV cache {o['kv_cache']}{' + R3' if report['rotation']['r3'] else ''}" if "kv_cache" in o else ""
-    label = f"ours: {o['qlinear']} g{o['group_size']}, lm_head {o['lm_head']}{kv}, rotation {Path(o['rotation']).stem} (`{directory}`)"
+    weights = "GPTQ" if o.get("gptq") or o.get("gptq_file") else "RTN"
+    label = f"ours: {o['qlinear']} g{o['group_size']} {weights}, lm_head {o['lm_head']}{kv}, rotation {Path(o['rotation']).stem} (`{directory}`)"
     return dict(id=row_id, label=label, path=str(directory / "model.pte"), tokenizer=str(directory / "tokenizer.json"))
 
 
@@ -239,8 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join(["python", "benchmarks/vs_optimum.py", *(sys.argv[1:] if argv is None else argv)])
     load_start = os.getloadavg()[0]
-    ours = [our_program("ours", args.pte), our_program("ours_lm_head_4bit", args.pte_lm_head_4bit, {"lm_head": "8da4w"}),
-            our_program("ours_kv_fp32", args.pte_kv_fp32, {"kv_cache": "fp32"})]
+    ours = [our_program("ours", args.pte, {"gptq": True}), our_program("ours_lm_head_8bit", args.pte_lm_head_8bit, {"lm_head": "8da8w", "gptq": False}),
+            our_program("ours_kv_fp32", args.pte_kv_fp32, {"kv_cache": "fp32", "lm_head": "8da4w", "gptq": False})]
     theirs, made = optimum_program(args.optimum, json.loads((args.pte / "export_report.json").read_text())["options"]["model"])
     programs = [*ours, theirs]
     plans = {p["id"]: forward_plan(Path(p["path"])) for p in programs}

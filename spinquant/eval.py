@@ -98,7 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of random rotations")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--w-gptq", action="store_true", help="weights by GPTQ on the calibration text instead of round-to-nearest")
-    p.add_argument("--gptq-windows", type=int, default=128, help="calibration windows of --seqlen tokens (fewer if the text is shorter)")
+    p.add_argument("--gptq-windows", type=int, default=128, help="calibration windows of --gptq-seqlen tokens (fewer if the text is shorter)")
+    p.add_argument("--gptq-seqlen", type=int, help="tokens per calibration window (default --seqlen; the export's GPTQ takes 8 of 1,024)")
     p.add_argument("--gptq-damp", type=float, default=0.01, help="dampening, fraction of the Hessian's mean diagonal")
     p.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=GPTQConfig.act_order,
                    help="columns by decreasing Hessian diagonal (static group scales)")
@@ -119,13 +120,13 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
         raise UserError("--w-gptq needs quantized weights: a setting such as w4a8, or --w-bits")
     if not qc.w_sym:
         raise UserError("--w-gptq computes symmetric scales (torchao's 8da4w); drop --w-asym")
-    if args.gptq_windows < 1:
-        raise UserError("--gptq-windows must be at least 1")
+    if args.gptq_windows < 1 or (args.gptq_seqlen is not None and args.gptq_seqlen < 2):
+        raise UserError("--gptq-windows must be at least 1 and --gptq-seqlen at least 2")
     if qc.w_clip_search:
         raise UserError("--w-clip-search is round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
     config = GPTQConfig(
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
-        windows=args.gptq_windows, seqlen=args.seqlen, scale_dtype=args.gptq_scale_dtype,
+        windows=args.gptq_windows, seqlen=args.gptq_seqlen or args.seqlen, scale_dtype=args.gptq_scale_dtype,
     )
     return config
 

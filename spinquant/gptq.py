@@ -7,6 +7,10 @@ one group share their input and so their Hessian: their rows are quantized as on
 says whether the Hessians see the quantized model's inputs in full precision (16, SpinQuant's
 gptq_utils) or int8 per token as the 8da4w program does (8, the default). down_proj's Hessian is taken
 on the input of the inner linear of OnlineHadamardLinear, which is already Hadamard-transformed (R4).
+A layer runs a stage at a time (StagedLayer): each stage goes up to its group's first linear, and what
+a later stage needs (attention's output, the residual, the MLP's inner input) is kept, so every part of
+the layer runs once per window; the full-precision layer runs once. With `lm_head`, GPTQ also
+quantizes lm_head on the final norm of the last layer's outputs (the 8da4w lm_head).
 
 GPTAQ-style asymmetric calibration (`asymmetric`, on by default): the full-precision model runs beside
 the quantized one, layer by layer, and each linear is fitted to the full-precision model's output on

@@ -12,6 +12,7 @@ from spinquant.errors import UserError
 from spinquant.data import text_sha256
 from spinquant.eval import gptq_config_from_args, parse_args
 from spinquant.eval import main as eval_main
+from spinquant.eval import quantized_model
 from gptq_reference import whole_model_gptq
 from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer, upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config
@@ -162,6 +163,18 @@ def test_eval_with_gptq_on_the_export_setting_keeps_its_8bit_lm_head_and_embeddi
     assert math.isfinite(export_setting["perplexity"]) and export_setting["perplexity"] != decoder_only["perplexity"]
 
 
+def test_eval_with_gptq_and_a_4bit_lm_head_quantizes_the_lm_head_by_gptq(tiny_hf_dir, calib_text, tmp_path):
+    """`--quantize-lm-head --w-gptq` is the default export's setting: GPTQ's lm_head, kept by the fake quantization."""
+    args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--quant", "w4a8",
+            "--w-gptq", "--calib-text", str(calib_text), "--gptq-windows", "4"]
+    with_head = eval_main(args + ["--quantize-lm-head", "--gptq-output", str(tmp_path / "g.pt")])
+    saved = GPTQResult.load(tmp_path / "g.pt")
+    assert len(saved.weights) == 15 and saved.weights["lm_head"].qdata.abs().max() <= 8
+    model = quantized_model(str(tiny_hf_dir), "none", setting("w4a8", lm_head_bits=4, lm_head_group=32), gptq=saved).model
+    assert torch.equal(model.lm_head.weight, saved.weights["lm_head"].dequantize())  # not rounded again
+    assert math.isfinite(with_head["perplexity"])
+
+
 def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
     text = tiny_hf_dir.parent / "text.txt"
     args = ["--model", str(tiny_hf_dir), "--text", str(text), "--seqlen", "64", "--quant", "w4a8"]
@@ -206,6 +219,8 @@ def test_default_gptq_is_gptaq_with_mse_clip_and_int8_inputs():
     assert default == GPTQConfig(seqlen=2048)
     off = gptq_config_from_args(parse_args(["--w-gptq", "--no-gptq-act-order", "--no-gptq-clip-search"]), qc)
     assert not off.act_order and not off.clip_search
+    export_like = gptq_config_from_args(parse_args(["--w-gptq", "--gptq-windows", "8", "--gptq-seqlen", "1024"]), qc)
+    assert (export_like.windows, export_like.seqlen) == (8, 1024)
 
 
 def test_act_order_with_clip_beats_plain_gptq_on_an_outlier_channel():

@@ -40,6 +40,7 @@ CELLS = {
     "GPTQ 16×1024, 8da8w lm_head": ("8da8w", (16, 1024)),
     "GPTQ 16×1024, 8da4w lm_head": ("8da4w", (16, 1024)),
     "GPTQ 12×1024, 8da4w lm_head": ("8da4w", (12, 1024)),
+    "GPTQ 8×1024, 8da8w lm_head": ("8da8w", (8, 1024)),
     "GPTQ 8×1024, 8da4w lm_head": ("8da4w", (8, 1024)),
     "GPTQ 32×512, 8da4w lm_head": ("8da4w", (32, 512)),
     "GPTQ 16×512, 8da4w lm_head": ("8da4w", (16, 512)),
@@ -69,9 +70,9 @@ def markdown(results: dict) -> str:
     lines = [
         "# GPTQ's calibration size and the 4-bit lm_head, in fake quantization",
         "",
-        f"Command: `{results['command']}`",
+        "Commands: " + ", then ".join(f"`{c}`" for c in results["commands"]) + " (each measured the cells the one before had not)",
         "",
-        f"Machine and libraries: {results['environment']}; {results['jobs']} cells at a time.",
+        f"Machine and libraries: {results['environment']}.",
         "",
         f"Learned rotation (`spinquant/rotations/smollm2_w4a8.pt`), the program's quantization (`w4a8-export-kv8`), the lm_head "
         f"8-bit per channel (8da8w) or 4-bit in groups of 32 (8da4w). GPTQ: `GPTQConfig()` (GPTAQ, MSE clip, int8 inputs) on the "
@@ -79,13 +80,14 @@ def markdown(results: dict) -> str:
         f"Perplexity on windows of 2048 tokens of `{results['text']}` (sha256 `{results['text_sha256'][:16]}…`): 0-15 chose the "
         "export's default; 16-31 and 32-47 are held out. GPTQ s: GPTQ's wall time on this device, with the other cells running beside it.",
         "",
-        "| cell | windows 0-15 | 16-31 (held out) | 32-47 (held out) | GPTQ s | linears by GPTQ |",
-        "|---|---|---|---|---|---|",
+        "| cell | windows 0-15 | 16-31 (held out) | 32-47 (held out) | GPTQ s | cells at a time | linears by GPTQ |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in (n for n in CELLS if n in cells):
         c = cells[name]
         ppl = [f"{c['perplexity'][f'{a}-{b - 1}']:.2f}" for a, b in RANGES]
-        lines.append(f"| {name} | {' | '.join(ppl)} | {c['gptq_seconds'] if c['gptq_seconds'] is not None else '—'} | {c['gptq_linears']} |")
+        seconds = c["gptq_seconds"] if c["gptq_seconds"] is not None else "—"
+        lines.append(f"| {name} | {' | '.join(ppl)} | {seconds} | {c['jobs']} | {c['gptq_linears']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -99,15 +101,16 @@ def main() -> None:
     json_path = args.output.with_suffix(".json")
     results = read_json(json_path)
     text = read_text(evaluation_text())
-    results.update(command=shlex.join(["python", "scripts/gptq_calibration_table.py", *sys.argv[1:]]), environment=environment_line(),
-                   jobs=args.jobs, text=str(evaluation_text()), text_sha256=text_sha256(text), calib_text=str(calibration_text()))
+    command = shlex.join(["python", "scripts/gptq_calibration_table.py", *sys.argv[1:]])
+    results.update(commands=list(dict.fromkeys([*results.get("commands", []), command])), environment=environment_line(),
+                   text=str(evaluation_text()), text_sha256=text_sha256(text), calib_text=str(calibration_text()))
     results.setdefault("cells", {})
     todo = [n for n in args.cells if n not in results["cells"]]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(measure, name, args.device, threads): name for name in todo}
         for future in as_completed(futures):
-            results["cells"][futures[future]] = future.result()
+            results["cells"][futures[future]] = dict(future.result(), jobs=min(args.jobs, len(todo)))
             print(futures[future], results["cells"][futures[future]], file=sys.stderr, flush=True)
             write_json_atomic(json_path, results)
     write_atomic(args.output.with_suffix(".md"), markdown(results).encode())

@@ -29,7 +29,7 @@ class ExportOptions:
     qlinear: str = "8da4w"
     group_size: int = 32
     qembedding: str = "8w"
-    lm_head: str = "8da4w"  # by GPTQ as the decoder's: 12 MB less to read per token than 8da8w, +0.9% perplexity (results/gptq_calibration.md)
+    lm_head: str = "8da4w"  # by GPTQ as the decoder's: 12 MB less to read per token than 8da8w, +1.5% perplexity (results/gptq_calibration.md)
     kv_cache: str = "int8"  # 3.8x fewer KV bytes, the same perplexity and a faster decode step (results/kv_cache_smollm2.md)
     r3: bool = True  # with a quantized KV cache, queries and keys turned by the online Hadamard after RoPE
     max_seq_len: int = 2048

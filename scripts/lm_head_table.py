@@ -88,7 +88,7 @@ def markdown(results: dict, command: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in ((n, rows[n]) for n in ROWS if n in rows):
-        base = rows.get(name.replace("8da4w", "8da8w"), {})
+        base = rows.get(name.replace("8da4w", "8da8w").replace(" (the default)", ""), {})
         changes = [f"{r[k] / base[k] - 1:+.2%}" if base is not r and k in r and k in base else "—" for k in ("pte_perplexity", "fake_quant_perplexity")]
         pte = (f"{r['pte_perplexity']:.2f}", f"{r['pte_mib']:.1f}", f"{r['lm_head_mb']:.1f}",
                f"{r['verify']['mean_kl']:.3g}, {r['verify']['top1_agreement']:.0%}") if "pte_perplexity" in r else ("not measured",) + ("—",) * 3

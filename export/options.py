@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from spinquant.errors import UserError
-from spinquant.gptq import GPTQConfig
+from spinquant.gptq import GPTQConfig, gptq_request
 from spinquant.rotation import default_rotation
 from spinquant.torchao_quant import KV_CACHES, LM_HEAD, QEMBEDDING, QLINEAR, ProgramQuant
 
@@ -94,9 +94,7 @@ class ExportOptions:
 
     def gptq_request(self) -> GPTQConfig | Path | None:
         """GPTQ to run now (--gptq), a saved result's file (--gptq-file), or None."""
-        if self.gptq:  # windows no longer than the program's context
-            return GPTQConfig(group=self.group_size, windows=self.gptq_windows, seqlen=min(self.gptq_seqlen, self.max_seq_len))
-        return Path(self.gptq_file) if self.gptq_file else None
+        return gptq_request(dataclasses.asdict(self))
 
     def record(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}

@@ -22,6 +22,7 @@ from spinquant.data import evaluation_text, read_text, text_sha256, token_window
 from spinquant.environment import describe_environment, environment_line
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.gptq import gptq_request
 from spinquant.metrics import kl_per_position
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
@@ -38,12 +39,16 @@ def export_options(pte: Path) -> dict:
     return json.loads(report.read_text())["options"]
 
 
-def eager_quantized(fp_model, options: dict):
-    """The export's model before torch.export: prepare() with the program's options and its GPTQ integers."""
-    if options.get("gptq"):
-        raise UserError("the program's GPTQ ran inside the export and was not saved: compare needs --gptq-file programs")
-    gptq = Path(options["gptq_file"]) if options.get("gptq_file") else None
-    return prepare(copy.deepcopy(fp_model), options["rotation"], ProgramQuant.of(options), gptq, seed=options["seed"])
+def eager_quantized(fp_model, tokenizer, options: dict):
+    """The export's model before torch.export: prepare() with the program's options and its GPTQ integers, from its
+    --gptq-file or from the export's own GPTQ run again (deterministic on the CPU: the same integers on the same
+    machine and libraries)."""
+    if options.get("gptq") and "gptq_seqlen" not in options:
+        raise UserError("the program's GPTQ ran inside an export that did not record its calibration windows: "
+                        "export it again, or with --gptq-file, to compare it")
+    calib_text = Path(options["calib_text"]) if options.get("calib_text") else None
+    return prepare(copy.deepcopy(fp_model), options["rotation"], ProgramQuant.of(options), gptq_request(options), tokenizer=tokenizer,
+                   calib_text=calib_text, seed=options["seed"])
 
 
 @torch.no_grad()
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--seqlen {args.seqlen} is longer than the program's KV cache of {cache_len}")
     loaded = load_model(options["model"])
     fp_model = loaded.model.requires_grad_(False)
-    quantized = eager_quantized(fp_model, options)
+    quantized = eager_quantized(fp_model, loaded.tokenizer, options)
     text = read_text(args.text)
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows)
     result = compare(fp_model, quantized, program, windows)

@@ -192,6 +192,16 @@ def gptq_linears(model: LlamaForCausalLM, lm_head: bool) -> dict[str, nn.Linear]
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and (lm_head or name != "lm_head")}
 
 
+def gptq_request(options: dict) -> GPTQConfig | Path | None:
+    """GPTQ as an export's options ask for it (ExportOptions' names, or its report's record of them): a saved result's
+    file (`gptq_file`), GPTQ to run now on windows no longer than the program's context (`gptq`), or None."""
+    if options.get("gptq_file"):
+        return Path(options["gptq_file"])
+    if options.get("gptq"):
+        return GPTQConfig(group=options["group_size"], windows=options["gptq_windows"], seqlen=min(options["gptq_seqlen"], options["max_seq_len"]))
+    return None
+
+
 def rotation_id(spec: str, seed: int) -> str:
     """What a GPTQ result was computed under: a file by its content, a random preset with its seed."""
     path = Path(spec)

@@ -22,8 +22,10 @@ from spinquant.rotation import LEARNED_ROTATIONS
 
 
 def eager_quantized(opts: ExportOptions):
-    model = load_model(opts.model).model.requires_grad_(False)
-    return prepare(model, opts.rotation, opts.program_quant(), seed=opts.seed)
+    """The export's eager model, its GPTQ (the default) included: deterministic on the CPU, so the same integers."""
+    loaded = load_model(opts.model)
+    return prepare(loaded.model.requires_grad_(False), opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
+                   calib_text=opts.calib_text, seed=opts.seed)
 
 
 def assert_program_matches_eager(opts: ExportOptions, steps: int = 8, tol: float = 1e-3):

@@ -11,7 +11,6 @@ never used for a choice). Writes results/gptq_calibration.{json,md}; the json is
 """
 
 import argparse
-import json
 import multiprocessing
 import os
 import shlex
@@ -21,8 +20,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
+from pte_tables import resumed_results
 
-from spinquant.data import calibration_text, evaluation_text, read_text, text_sha256, token_windows
+from spinquant.data import calibration_text, evaluation_text, read_text, token_windows
 from spinquant.environment import environment_line
 from spinquant.eval import quantized_model
 from spinquant.files import write_atomic, write_json_atomic
@@ -66,7 +66,7 @@ def measure(name: str, device: str, threads: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    cells = results["cells"]
+    cells = results["rows"]
     lines = [
         "# GPTQ's calibration size and the 4-bit lm_head, in fake quantization",
         "",
@@ -99,25 +99,19 @@ def main() -> None:
     p.add_argument("--output", type=Path, default=Path("results/gptq_calibration"))
     args = p.parse_args()
     json_path = args.output.with_suffix(".json")
-    results = read_json(json_path)
-    text = read_text(evaluation_text())
+    results = resumed_results(json_path, evaluation_text(), read_text(evaluation_text()), RANGES[-1][1])
     command = shlex.join(["python", "scripts/gptq_calibration_table.py", *sys.argv[1:]])
     results.update(commands=list(dict.fromkeys([*results.get("commands", []), command])), environment=environment_line(),
-                   text=str(evaluation_text()), text_sha256=text_sha256(text), calib_text=str(calibration_text()))
-    results.setdefault("cells", {})
-    todo = [n for n in args.cells if n not in results["cells"]]
+                   calib_text=os.path.relpath(calibration_text()))
+    todo = [n for n in args.cells if n not in results["rows"]]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(measure, name, args.device, threads): name for name in todo}
         for future in as_completed(futures):
-            results["cells"][futures[future]] = dict(future.result(), jobs=min(args.jobs, len(todo)))
-            print(futures[future], results["cells"][futures[future]], file=sys.stderr, flush=True)
+            results["rows"][futures[future]] = dict(future.result(), jobs=min(args.jobs, len(todo)))
+            print(futures[future], results["rows"][futures[future]], file=sys.stderr, flush=True)
             write_json_atomic(json_path, results)
     write_atomic(args.output.with_suffix(".md"), markdown(results).encode())
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 if __name__ == "__main__":

@@ -425,11 +425,14 @@ class StagedLayer:
         self.layer, self.inputs, self.kwargs, self.device = layer, inputs, kwargs, device
         self.attention = self.residual = self.mlp_inner = None
 
-    def run(self, stage: int, stop_at: nn.Module, before_window: Callable[[int], None]) -> None:
+    def run(self, stage: int, stop_at: nn.Module, acc: HessianAccumulator, fp_inputs: list[torch.Tensor] | None) -> None:
+        """Stage `stage` over every window, up to `stop_at`; `fp_inputs`: the full-precision model's input to the group
+        in each window, for `acc`'s cross term."""
         layer, dev = self.layer, self.device
         kept = _RawInputs(layer.self_attn.o_proj if stage == 1 else layer.mlp.down_proj) if stage in (1, 3) else None
         for i, x in enumerate(self.inputs):
-            before_window(i)
+            if fp_inputs is not None:
+                acc.fp_input = fp_inputs[i].to(dev)
             if stage < 2:
                 run_until(stop_at, lambda: layer(x.to(dev), **self.kwargs))
             else:
@@ -465,12 +468,7 @@ def quantize_layer(
     for stage, group in enumerate(SEQUENTIAL):
         linears = [inner_linear(layer, name) for name in layer_linears(layer, group)]
         acc = HessianAccumulator(linears[0], cross=targets is not None)
-
-        def before_window(i: int, acc: HessianAccumulator = acc, stage: int = stage) -> None:
-            if targets is not None:
-                acc.fp_input = targets[stage][i].to(device)
-
-        staged.run(stage, linears[0], before_window)
+        staged.run(stage, linears[0], acc, targets[stage] if targets is not None else None)
         done.update(quantize_group(linears, acc.hessian(), cfg, acc.cross_term()))
     return done, staged.outputs(), next_fp
 

@@ -19,8 +19,8 @@ def whole_model_gptq(model: nn.Module, windows: torch.Tensor, cfg: GPTQConfig, l
         for group in SEQUENTIAL
     ] + ([([model.lm_head], full_precision.lm_head)] if lm_head else [])
     names = {m: name for name, m in model.named_modules()}
-    handles = quantize_calibration_inputs([m for m in model.modules() if isinstance(m, nn.Linear)] if lm_head else
-                                          [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)], cfg.act_bits)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, nn.Linear)] + ([model.lm_head] if lm_head else [])
+    handles = quantize_calibration_inputs(linears, cfg.act_bits)
     result = {}
     for linears, fp_first in groups:
         acc = HessianAccumulator(linears[0], cross=bool(cfg.asymmetric))

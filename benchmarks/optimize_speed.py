@@ -1,10 +1,12 @@
 """Seconds per rotation-learning iteration and peak GPU memory, batch 8 × 2048 tokens.
 
     python benchmarks/optimize_speed.py --device cuda
+    torchrun --nproc-per-node 2 benchmarks/optimize_speed.py --models llama-3-8b-shape --checkpointing yes
 
 Times `spinquant.optimize.train_step` + the Cayley step (what one iteration of
-`python -m spinquant.optimize` does) on the demo model and on a randomly initialised model with
-Llama 3.2 1B's exact shapes, with and without activation checkpointing, and writes
+`python -m spinquant.optimize` does) on the demo model and on randomly initialised models with
+Llama 3.2 1B's and Llama 3 8B's exact shapes, with and without activation checkpointing, on one GPU or,
+under torchrun, on several (the batch split over them, spinquant/data_parallel.py), and writes
 results/optimize_speed.md. Token ids are random: the speed does not depend on the text.
 """
 
@@ -16,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from export_time import SHAPES
+from export_time import LLAMA_3, SHAPES, Shape
+from spinquant import data_parallel
 from spinquant.cayley import CayleySGD
 from spinquant.environment import environment_line
 from spinquant.files import write_atomic
@@ -30,18 +33,27 @@ def demo_model(device: torch.device) -> LlamaForCausalLM:
     return load_model("smollm2-135m", torch.float32).model.to(device)
 
 
-def llama_1b_shape(device: torch.device) -> LlamaForCausalLM:
+LLAMA_3_8B = Shape("Llama 3 8B", dict(
+    LLAMA_3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, tie_word_embeddings=False, rope_scaling=None), Path("results/optimize_speed.md"))
+
+
+def random_model(shape: Shape, device: torch.device) -> LlamaForCausalLM:
+    """The shape's model with random weights, made on the device in bf16 (as the real checkpoints ship; 8B: 15 GiB)."""
     torch.manual_seed(0)
     with device:
-        return LlamaForCausalLM(SHAPES["llama-3.2-1b-shape"].model_config()).eval()
+        return LlamaForCausalLM(shape.model_config()).to(torch.bfloat16).eval()
 
 
-MODELS = {"smollm2-135m": demo_model, "llama-3.2-1b-shape": llama_1b_shape}
+MODELS = {
+    "smollm2-135m": demo_model,
+    "llama-3.2-1b-shape": lambda device: random_model(SHAPES["llama-3.2-1b-shape"], device),
+    "llama-3-8b-shape": lambda device: random_model(LLAMA_3_8B, device),
+}
 
 
-def seconds_per_iteration(model: LlamaForCausalLM, args: argparse.Namespace, checkpointing: bool) -> tuple[float, float]:
+def seconds_per_iteration(model: LlamaForCausalLM, args: argparse.Namespace, checkpointing: bool, device: torch.device) -> tuple[float, float]:
     """(seconds per iteration, peak GiB) over `args.steps` iterations after `args.warmup`."""
-    device = torch.device(args.device)
     qc = RECIPES[args.recipe]
     rm = RotatedLlama(model, rotations_for("hadamard", model.config, r3=qc.quantizes_kv), qc, DTYPES[args.dtype]).to(device)
     if checkpointing:
@@ -66,15 +78,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(name: str, args: argparse.Namespace, checkpointing: bool) -> str:
+def measure(name: str, args: argparse.Namespace, checkpointing: bool, device: torch.device) -> str:
+    """One table row; under torchrun the slowest process's time and the largest peak."""
+    first = f"| {name} | {data_parallel.world_size()} | {'yes' if checkpointing else 'no'} |"
     try:
-        s, peak = seconds_per_iteration(MODELS[name](torch.device(args.device)), args, checkpointing)
-        row = f"| {name} | {'yes' if checkpointing else 'no'} | {s:.2f} | {s * 100 / 60:.1f} | {peak:.1f} |"
+        s, peak = seconds_per_iteration(MODELS[name](device), args, checkpointing, device)
+        s, peak = data_parallel.maximum(s, device), data_parallel.maximum(peak, device)
+        row = f"{first} {s:.2f} | {s * 100 / 60:.1f} | {peak:.1f} |"
     except torch.cuda.OutOfMemoryError:
-        row = f"| {name} | {'yes' if checkpointing else 'no'} | out of memory | – | – |"
-    if args.device == "cuda":
+        row = f"{first} out of memory | – | – |"
+    if device.type == "cuda":
         torch.cuda.empty_cache()
-    print(row, flush=True)
+    if data_parallel.rank() == 0:
+        print(row, flush=True)
     return row
 
 
@@ -88,9 +104,15 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--checkpointing", default="both", choices=["both", "yes", "no"], help="activation checkpointing")
     p.add_argument("--output", type=Path, default=Path("results/optimize_speed.md"))
     args = p.parse_args()
-    rows = [measure(name, args, ckpt) for name in args.models for ckpt in (False, True)]
+    device = data_parallel.start(args.device) if data_parallel.launched() else torch.device(args.device)
+    modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.checkpointing]
+    rows = [measure(name, args, ckpt, device) for name in args.models for ckpt in modes]
+    data_parallel.stop()
+    if data_parallel.rank() != 0:
+        return
     lines = [
         "# Speed of rotation learning (`python -m spinquant.optimize`)",
         "",
@@ -101,10 +123,12 @@ def main() -> None:
         f"Recipe `{args.recipe}`, {args.dtype}, batch {args.batch_size} × {args.seqlen} tokens, one iteration = "
         f"forward + backward + Cayley step, mean of {args.steps} after {args.warmup} warm-up. Peak = "
         "torch.cuda.max_memory_allocated. The 1B-shape model has random weights (hidden 2048, 16 layers, 32 heads, "
-        "8 KV heads, MLP 8192, vocabulary 128256, tied embeddings, llama3 RoPE scaling).",
+        "8 KV heads, MLP 8192, vocabulary 128256, tied embeddings, llama3 RoPE scaling); the 8B-shape one hidden 4096, "
+        "32 layers, 32 heads, 8 KV heads, MLP 14336, vocabulary 128256, untied. Both in bf16. Under torchrun the batch is "
+        "split over the GPUs; the row has the slowest process's time and the largest peak.",
         "",
-        "| model | activation checkpointing | s / iteration | min / 100 iterations | peak GiB |",
-        "|---|---|---|---|---|",
+        "| model | GPUs | activation checkpointing | s / iteration | min / 100 iterations | peak GiB |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
     write_atomic(args.output, ("\n".join(lines) + "\n").encode())

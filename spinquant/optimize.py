@@ -5,6 +5,8 @@ the rotated model with weights/activations/KV fake-quantized (straight-through e
 weights frozen, 100 iterations, learning rate 1.5 with cosine decay to 0, windows of 2048 tokens
 of calibration text. The result is a file in SpinQuant's layout that `spinquant.eval --rotation`
 and `export.to_pte --rotation` read, with a JSON of how it was learned beside it.
+
+On several GPUs: `torchrun --nproc-per-node N -m spinquant.optimize ...` (spinquant/data_parallel.py).
 """
 
 import argparse
@@ -23,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
+from spinquant import data_parallel
 from spinquant.cayley import CayleySGD
 from spinquant.data import calibration_text, read_text, text_sha256, token_windows
 from spinquant.environment import describe_environment
@@ -140,16 +143,18 @@ def check_loss(loss: float, progress: Progress, checkpoint: Path | None) -> None
 
 
 def train_step(rm: RotatedLlama, opt: CayleySGD, batches: list[torch.Tensor], device: torch.device, lr: float) -> float:
-    """One optimizer step over the micro-batches (gradients accumulated); returns the mean loss."""
+    """One optimizer step's gradients over the micro-batches (accumulated; under torchrun each process takes its share
+    of every micro-batch and the gradients are averaged over the processes); returns the step's mean loss."""
     for group in opt.param_groups:
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for ids in batches:
-        loss = rm.loss(ids.to(device)) / len(batches)
+        loss = rm.loss(data_parallel.local_share(ids).to(device)) / len(batches)
         loss.backward()
         total += loss.item()
-    return total
+    data_parallel.average_gradients(rm.rotation_parameters())
+    return data_parallel.mean(total, device)
 
 
 def learn(
@@ -174,7 +179,9 @@ def learn(
     opt = CayleySGD(rm.rotation_parameters(), lr=plan.lr, momentum=plan.momentum)
     progress = resume_from(checkpoint, rm, opt, plan) if resume else Progress()
     order = sample_order(len(windows), plan.iters * plan.batch_size * plan.grad_accum, plan.seed)
-    bar = tqdm(range(progress.step, plan.iters), initial=progress.step, total=plan.iters, desc="rotations", disable=not progress_bar)
+    writer = data_parallel.rank() == 0  # under torchrun, one process writes and shows progress
+    bar = tqdm(range(progress.step, plan.iters), initial=progress.step, total=plan.iters, desc="rotations",
+               disable=not (progress_bar and writer))
     for step in bar:
         start = time.time()
         loss = train_step(rm, opt, step_batches(windows, order, plan, step), device, cosine_lr(plan.lr, step, plan.iters))
@@ -185,7 +192,7 @@ def learn(
         bar.set_postfix(loss=f"{loss:.4f}")
         if on_first_step is not None and step == bar.initial:
             on_first_step(time.time() - start)
-        if checkpoint and checkpoint_every and progress.step % checkpoint_every == 0:
+        if writer and checkpoint and checkpoint_every and progress.step % checkpoint_every == 0:
             write_atomic(checkpoint, checkpoint_bytes(rm, opt, plan, progress))
     return rm, progress
 
@@ -238,7 +245,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--windows", type=int, help="calibration windows to use (default: all in the text)")
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch, over all processes under torchrun")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -260,6 +267,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--lr must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % processes:
+        raise UserError(f"--batch-size {args.batch_size} does not split over {processes} processes: use a multiple of {processes}")
 
 
 def sidecar(plan: Plan, progress: Progress, device: torch.device, command: str) -> dict:
@@ -273,6 +283,7 @@ def sidecar(plan: Plan, progress: Progress, device: torch.device, command: str) 
         final_loss=progress.losses[-1],
         seconds=round(progress.seconds, 1),
         device=str(device),
+        processes=data_parallel.world_size(),
         environment=describe_environment(),
         command=command,
     )
@@ -293,16 +304,18 @@ def learn_and_save(
     (.json, .loss.csv, .loss.png; .ckpt: the checkpoint a resumed run starts from). Returns the .json's record."""
     rm, progress = learn(model, windows, plan, device, out.with_suffix(".ckpt"), checkpoint_every, resume, activation_checkpointing,
                          on_first_step=on_first_step)
-    write_atomic(out, rotation_bytes(rm))
     info = sidecar(plan, progress, device, command)
-    write_json_atomic(out.with_suffix(".json"), info)
-    write_loss_curve(progress.losses, plan, out.with_suffix(".loss.csv"), out.with_suffix(".loss.png"))
+    if data_parallel.rank() == 0:
+        write_atomic(out, rotation_bytes(rm))
+        write_json_atomic(out.with_suffix(".json"), info)
+        write_loss_curve(progress.losses, plan, out.with_suffix(".loss.csv"), out.with_suffix(".loss.png"))
     return info
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_args(args)
+    device = data_parallel.start(args.device) if data_parallel.launched() else torch.device(args.device)
     text = read_text(args.calib_text)
     loaded = load_model(args.model, torch.float32)
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.windows)  # refuses a text shorter than one window
@@ -310,15 +323,19 @@ def main(argv: list[str] | None = None) -> dict:
                      batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype)
     out = args.output
     command = "python -m spinquant.optimize " + " ".join(sys.argv[1:])
-    info = learn_and_save(loaded.model, windows, plan, torch.device(args.device), out, command, resume=args.resume,
+    info = learn_and_save(loaded.model, windows, plan, device, out, command, resume=args.resume,
                           checkpoint_every=args.checkpoint_every, activation_checkpointing=args.activation_checkpointing)
-    print(f"{out}: loss {info['first_loss']:.4f} -> {info['final_loss']:.4f} in {info['seconds']} s")
+    if data_parallel.rank() == 0:
+        print(f"{out}: loss {info['first_loss']:.4f} -> {info['final_loss']:.4f} in {info['seconds']} s")
     return info
 
 
 def cli(argv: list[str] | None = None) -> None:
     with one_line_errors("spinquant.optimize"):
-        main(argv)
+        try:
+            main(argv)
+        finally:
+            data_parallel.stop()
 
 
 if __name__ == "__main__":

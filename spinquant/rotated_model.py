@@ -1,15 +1,21 @@
 """A Llama whose R1 and R2 are its only trainable parameters: the loss SpinQuant learns rotations on.
 
 The frozen weights are prepared once (norm gains folded, embeddings untied, R4's Hadamard folded
-into down_proj, all in float64 by rotation.py). Every forward multiplies them by the current R1/R2
-(weights × hidden² work, small against tokens × weights for the model itself) and fake-quantizes
-weights, activations and K/V with a straight-through estimator, so the loss is differentiable in
-R1 and R2. Same convention as rotation.py: a rotated activation is x @ R.
+into down_proj, all in float64 by rotation.py) and kept once, in the learning dtype. Each decoder
+layer multiplies its own weights by the current R1/R2 when it runs (weights × hidden² work, small
+against tokens × weights for the model itself) and forgets them when it returns, so under activation
+checkpointing no layer's rotated weights outlive its forward or its replay in backward. Weights,
+activations and K/V are fake-quantized with a straight-through estimator, so the loss is
+differentiable in R1 and R2. The loss makes its logits a chunk of tokens at a time. Same convention
+as rotation.py: a rotated activation is x @ R.
 """
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
 from spinquant import hadamard
@@ -20,11 +26,15 @@ from spinquant.rotation import (Rotations, fuse_all_rmsnorms, head_dim, rotate_i
                                 rotated_layer_weights, untie_embeddings)
 
 
-class FakeQuantLinear(nn.Module):
-    """A frozen linear whose rotated, fake-quantized weight is set by RotatedLlama before each forward.
+# Tokens whose logits exist at once in the loss: 2048 × a 128,256-token vocabulary is 1 GiB in float32.
+LOSS_CHUNK_TOKENS = 2048
 
-    The weight is an attribute rather than a parameter so that activation checkpointing, which
-    replays the layer during backward, reads the same rotated weight as the forward did.
+
+class FakeQuantLinear(nn.Module):
+    """A frozen linear whose rotated, fake-quantized weight RotatedLlama sets while its layer runs.
+
+    The weight is an attribute rather than a parameter: it is made from R1/R2 inside the layer's call, so
+    activation checkpointing, which replays the call during backward, makes it again instead of keeping it.
     """
 
     def __init__(self, frozen: torch.Tensor, quantize_input, online_hadamard: bool = False, frozen_bias: torch.Tensor | None = None):
@@ -58,14 +68,18 @@ class RotatedLlama(nn.Module):
         self.r1 = nn.Parameter(init.r1.to(exact))
         self.r2 = nn.ParameterList(nn.Parameter(r.to(exact)) for r in init.r2)
         self.model = _prepared(model, qc, dtype)
+        self.checkpoint_layers = False
+        for i, layer in enumerate(self.model.model.layers):
+            layer.forward = partial(self._layer_forward, i, layer.forward)
         self.model.model.embed_tokens.register_forward_hook(self._rotate_embedding)
         if not qc.lm_head:
             self.model.lm_head.register_forward_pre_hook(self._unrotate_lm_head_input)
 
     def enable_activation_checkpointing(self) -> None:
-        """Replay each decoder layer in backward instead of keeping its activations: less memory, ~1.3× time."""
-        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model.train()  # transformers checkpoints only in training mode; Llama has no dropout to switch on
+        """Replay each decoder layer, its weights' rotation included, in backward instead of keeping its
+        activations and rotated weights: less memory, ~1.3× time. (transformers' own checkpointing replays
+        a layer's forward without its hooks and wrappers, so it would keep every layer's rotated weights.)"""
+        self.checkpoint_layers = True
 
     def rotation_parameters(self) -> list[nn.Parameter]:
         return [self.r1, *self.r2]
@@ -78,22 +92,46 @@ class RotatedLlama(nn.Module):
         return state
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self._set_rotated_weights()
+        self._rotate_lm_head()
         return self.model(ids, use_cache=False).logits
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over the batch, as eval.perplexity averages it."""
-        logits = self(ids)[:, :-1].float()
-        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        """Mean next-token cross-entropy over the batch, as eval.perplexity averages it; the logits are made
+        LOSS_CHUNK_TOKENS at a time and again in backward, never all (tokens × vocabulary) at once."""
+        self._rotate_lm_head()
+        hidden = self.model.model(ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+        targets = ids[:, 1:].flatten()
+        chunks = zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS))
+        total = sum(checkpoint(_summed_cross_entropy, self.model.lm_head, h, t, use_reentrant=False) for h, t in chunks)
+        return total / targets.numel()
 
-    def _set_rotated_weights(self) -> None:
-        for layer, r2 in zip(self.model.model.layers, self.r2):
-            frozen = {name: linear.frozen for name, linear in layer_linears(layer, R1_READERS + R1_WRITERS).items()}
-            for name, w in rotated_layer_weights(frozen, self.r1, r2, self.head_dim).items():
-                self._set(layer.get_submodule(name), w)
-            self._set_rotated_biases(layer, r2)
+    def _layer_forward(self, i: int, forward, *args, **kwargs):
+        """Decoder layer i's forward (its class's, `forward`), with its weights rotated for the call, replayed in backward
+        when checkpointing."""
+        if self.checkpoint_layers and torch.is_grad_enabled():
+            return checkpoint(self._rotated_call, i, forward, *args, use_reentrant=False, **kwargs)
+        return self._rotated_call(i, forward, *args, **kwargs)
+
+    def _rotated_call(self, i: int, forward, *args, **kwargs):
+        layer = self.model.model.layers[i]
+        self._rotate_layer(i, layer)
+        try:
+            return forward(*args, **kwargs)
+        finally:  # also when checkpointing's replay stops early, as it does once it has what backward needs
+            _forget_rotated_weights(layer)
+
+    def _rotate_layer(self, i: int, layer: nn.Module) -> None:
+        """Decoder layer i's linears' weights rotated by R1 and its R2, fake-quantized."""
+        exact = _exact_dtype(self.dtype)
+        frozen = {name: linear.frozen.to(exact) for name, linear in layer_linears(layer, R1_READERS + R1_WRITERS).items()}
+        for name, w in rotated_layer_weights(frozen, self.r1, self.r2[i], self.head_dim).items():
+            self._set(layer.get_submodule(name), w)
+        self._set_rotated_biases(layer, self.r2[i])
+
+    def _rotate_lm_head(self) -> None:
         if self.qc.lm_head:
-            self._set(self.model.lm_head, self.model.lm_head.frozen @ self.r1, lm_head_config(self.qc))
+            head = self.model.lm_head
+            self._set(head, head.frozen.to(_exact_dtype(self.dtype)) @ self.r1, lm_head_config(self.qc))
 
     def _set_rotated_biases(self, layer: nn.Module, r2: torch.Tensor) -> None:
         linears = layer_linears(layer, R1_READERS + R1_WRITERS)
@@ -113,8 +151,19 @@ class RotatedLlama(nn.Module):
         return (args[0] @ self.r1.T.to(args[0].dtype), *args[1:])
 
 
+def _forget_rotated_weights(layer: nn.Module) -> None:
+    for linear in layer.modules():
+        if isinstance(linear, FakeQuantLinear):
+            linear.rotated_weight = linear.rotated_bias = None
+
+
+def _summed_cross_entropy(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")  # bf16 → fp32
+
+
 def _exact_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Rotations, frozen weights and W·R products stay in float32 (float64 in float64 runs): they are small."""
+    """Rotations and W·R products are float32 (float64 in float64 runs): they are small, or one layer's."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -126,10 +175,10 @@ def _prepared(model: LlamaForCausalLM, qc: QuantConfig, dtype: torch.dtype) -> L
         down = layer.mlp.down_proj
         rotate_input_side(down, hadamard.hadamard_matrix(down.in_features).to(down.weight.device))
     model.requires_grad_(False)
+    model.to(dtype)  # the frozen weights, once: an 8B model's are 15 GiB in bf16
     exact = _exact_dtype(dtype)
-    frozen = {name: m.weight.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    frozen = {name: m.weight.detach() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     biases = {name: m.bias.detach().to(exact) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
-    model.to(dtype)  # before the swap: the frozen weights keep their exact dtype
     quantize_input = activation_quantizer(qc.a_bits, 0, qc.a_sym, qc.a_clip, ste=True)
     for i, layer in enumerate(model.model.layers):
         for parent, kind in ((layer.self_attn, "self_attn"), (layer.mlp, "mlp")):

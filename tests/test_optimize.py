@@ -217,3 +217,84 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert (plain_calls, checkpointed_calls) == (1, 2)  # the layer really was replayed in backward
     for a, b in zip(plain, checkpointed):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_only_the_running_layer_holds_rotated_weights(checkpointing):
+    """Memory: a layer's rotated weights exist while it runs (or is replayed in backward), never all layers' at once."""
+    model = sharp_tiny_llama()
+    rm = RotatedLlama(model, rotations_for("hadamard", model.config, seed=0), optimize.RECIPES["w4a8"], torch.float32)
+    if checkpointing:
+        rm.enable_activation_checkpointing()
+    layers = rm.model.model.layers
+    held = []
+
+    def record(i):
+        def hook(*_):
+            held.append([j for j, layer in enumerate(layers) if layer.self_attn.q_proj.rotated_weight is not None])
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.mlp.down_proj.register_forward_pre_hook(record(i))  # a replay stops once backward has what it needs
+    rm.loss(windows(2, 32)).backward()
+    assert held == ([[0], [1], [1], [0]] if checkpointing else [[0], [1]])  # backward replays the last layer first
+    assert all(m.rotated_weight is None for m in rm.modules() if hasattr(m, "rotated_weight"))
+    assert rm.r1.grad is not None and rm.r2[0].grad is not None
+
+
+def test_loss_in_chunks_equals_the_loss_of_all_logits(monkeypatch):
+    def loss_and_grads(chunk):
+        monkeypatch.setattr("spinquant.rotated_model.LOSS_CHUNK_TOKENS", chunk)
+        model = sharp_tiny_llama(torch.float64)
+        rm = RotatedLlama(model, rotations_for("hadamard", model.config, seed=0), optimize.RECIPES["w4a8"], torch.float64)
+        loss = rm.loss(windows(3, 32))
+        loss.backward()
+        return loss.detach(), rm.r1.grad, rm.r2[1].grad
+
+    whole, chunked = loss_and_grads(10**9), loss_and_grads(7)  # 93 targets: 13 chunks of 7 and one of 2
+    model = sharp_tiny_llama(torch.float64)
+    rm = RotatedLlama(model, rotations_for("hadamard", model.config, seed=0), optimize.RECIPES["w4a8"], torch.float64)
+    ids = windows(3, 32)
+    reference = torch.nn.functional.cross_entropy(rm(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert torch.allclose(whole[0], reference, rtol=1e-12)
+    for a, b in zip(whole, chunked):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def learn_as_process(rank: int, world: int, port: int, out, plan_fields: dict) -> None:
+    """One of `world` processes, as torchrun starts them (its environment variables), learning on CPU over gloo."""
+    import os
+
+    from spinquant import data_parallel
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    data_parallel.start("cpu")
+    try:
+        rm, progress = learn(sharp_tiny_llama(torch.float64), windows(), plan(**plan_fields), CPU, progress_bar=False)
+        torch.save({"rotations": rm.spinquant_state(), "losses": progress.losses}, out / f"rank{rank}.pt")
+    finally:
+        data_parallel.stop()
+
+
+def test_two_processes_take_the_step_one_process_takes(tmp_path):
+    """One step: later ones agree only to the 4-bit roundings that float noise in W·R moves (the loss is piecewise constant)."""
+    import socket
+
+    fields = dict(iters=1, dtype="fp64", batch_size=4)
+    one, progress = learn(sharp_tiny_llama(torch.float64), windows(), plan(**fields), CPU, progress_bar=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(learn_as_process, args=(2, port, tmp_path, fields), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for two in ranks:  # each process holds the same rotations, and they are the single process's
+        assert two["losses"] == pytest.approx(progress.losses, rel=1e-12)
+        for name, r in one.spinquant_state().items():
+            assert torch.allclose(two["rotations"][name], r, rtol=0, atol=1e-12), name
+    assert not torch.allclose(one.r1, rotations_for("hadamard", one.model.config, seed=0).r1.double(), atol=1e-3)  # it learned
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, tiny_hf_dir, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="--batch-size 8 does not split over 3 processes"):
+        optimize.main(["--model", str(tiny_hf_dir), "--device", "cpu", "--output", str(tmp_path / "R.pt")])

@@ -11,8 +11,10 @@ results/optimize_speed.md. Token ids are random: the speed does not depend on th
 """
 
 import argparse
+import gc
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,25 +54,35 @@ MODELS = {
 }
 
 
-def seconds_per_iteration(model: LlamaForCausalLM, args: argparse.Namespace, checkpointing: bool, device: torch.device) -> tuple[float, float]:
-    """(seconds per iteration, peak GiB) over `args.steps` iterations after `args.warmup`."""
+@dataclass
+class Timing:
+    seconds: float  # per iteration, after the warm-up
+    peak_gib: float  # torch.cuda.max_memory_allocated over the timed iterations
+    resident_gib: float  # allocated before the first step: the frozen model, the rotations
+    losses: list[float]  # every iteration's, warm-up included
+
+
+def time_iterations(model: LlamaForCausalLM, args: argparse.Namespace, checkpointing: bool, device: torch.device) -> Timing:
+    """`args.warmup` iterations, then `args.steps` timed ones, on the same batch."""
     qc = RECIPES[args.recipe]
     rm = RotatedLlama(model, rotations_for("hadamard", model.config, r3=qc.quantizes_kv), qc, DTYPES[args.dtype]).to(device)
     if checkpointing:
         rm.enable_activation_checkpointing()
     opt = CayleySGD(rm.rotation_parameters(), lr=1.5)
     batch = [torch.randint(0, model.config.vocab_size, (args.batch_size, args.seqlen), generator=torch.Generator().manual_seed(0))]
+    resident = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    losses = []
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.time()
-        train_step(rm, opt, batch, device, lr=1.5)
+        losses.append(train_step(rm, opt, batch, device, lr=1.5))
         opt.step()
     sync(device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return (time.time() - start) / args.steps, peak
+    return Timing((time.time() - start) / args.steps, peak, resident, losses)
 
 
 def sync(device: torch.device) -> None:
@@ -79,14 +91,18 @@ def sync(device: torch.device) -> None:
 
 
 def measure(name: str, args: argparse.Namespace, checkpointing: bool, device: torch.device) -> str:
-    """One table row; under torchrun the slowest process's time and the largest peak."""
-    first = f"| {name} | {data_parallel.world_size()} | {'yes' if checkpointing else 'no'} |"
+    """One table row (under torchrun the slowest process's time and the largest memory); the losses to --losses."""
+    gpus, ckpt = data_parallel.world_size(), "yes" if checkpointing else "no"
     try:
-        s, peak = seconds_per_iteration(MODELS[name](device), args, checkpointing, device)
-        s, peak = data_parallel.maximum(s, device), data_parallel.maximum(peak, device)
-        row = f"{first} {s:.2f} | {s * 100 / 60:.1f} | {peak:.1f} |"
+        t = time_iterations(MODELS[name](device), args, checkpointing, device)
+        s, peak, resident = (data_parallel.maximum(x, device) for x in (t.seconds, t.peak_gib, t.resident_gib))
+        row = f"| {name} | {gpus} | {ckpt} | {s:.2f} | {s * 100 / 60:.1f} | {resident:.1f} | {peak:.1f} |"
+        if args.losses and data_parallel.rank() == 0:
+            lines = ["iteration,loss", *(f"{i + 1},{loss:.6f}" for i, loss in enumerate(t.losses))]
+            write_atomic(args.losses / f"{name}-{gpus}gpu-checkpointing-{ckpt}.csv", ("\n".join(lines) + "\n").encode())
     except torch.cuda.OutOfMemoryError:
-        row = f"{first} out of memory | – | – |"
+        row = f"| {name} | {gpus} | {ckpt} | out of memory | – | – | – |"
+    gc.collect()  # the last row's RotatedLlama: its layers' forwards refer back to it, a cycle refcounting leaves
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if data_parallel.rank() == 0:
@@ -105,13 +121,15 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--checkpointing", default="both", choices=["both", "yes", "no"], help="activation checkpointing")
+    p.add_argument("--losses", type=Path, help="directory for each row's losses, iteration by iteration (CSV)")
     p.add_argument("--output", type=Path, default=Path("results/optimize_speed.md"))
     args = p.parse_args()
     device = data_parallel.start(args.device) if data_parallel.launched() else torch.device(args.device)
     modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.checkpointing]
     rows = [measure(name, args, ckpt, device) for name in args.models for ckpt in modes]
+    writer = data_parallel.rank() == 0
     data_parallel.stop()
-    if data_parallel.rank() != 0:
+    if not writer:
         return
     lines = [
         "# Speed of rotation learning (`python -m spinquant.optimize`)",
@@ -121,14 +139,14 @@ def main() -> None:
         f"Machine and libraries: {environment_line()}.",
         "",
         f"Recipe `{args.recipe}`, {args.dtype}, batch {args.batch_size} × {args.seqlen} tokens, one iteration = "
-        f"forward + backward + Cayley step, mean of {args.steps} after {args.warmup} warm-up. Peak = "
-        "torch.cuda.max_memory_allocated. The 1B-shape model has random weights (hidden 2048, 16 layers, 32 heads, "
+        f"forward + backward + Cayley step, mean of {args.steps} after {args.warmup} warm-up. Resident = "
+        "torch.cuda.memory_allocated before the first step (the frozen model); peak = torch.cuda.max_memory_allocated. The 1B-shape model has random weights (hidden 2048, 16 layers, 32 heads, "
         "8 KV heads, MLP 8192, vocabulary 128256, tied embeddings, llama3 RoPE scaling); the 8B-shape one hidden 4096, "
         "32 layers, 32 heads, 8 KV heads, MLP 14336, vocabulary 128256, untied. Both in bf16. Under torchrun the batch is "
         "split over the GPUs; the row has the slowest process's time and the largest peak.",
         "",
-        "| model | GPUs | activation checkpointing | s / iteration | min / 100 iterations | peak GiB |",
-        "|---|---|---|---|---|---|",
+        "| model | GPUs | activation checkpointing | s / iteration | min / 100 iterations | resident GiB | peak GiB |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
     write_atomic(args.output, ("\n".join(lines) + "\n").encode())

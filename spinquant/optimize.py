@@ -149,10 +149,11 @@ def train_step(rm: RotatedLlama, opt: CayleySGD, batches: list[torch.Tensor], de
         group["lr"] = lr
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    for ids in batches:
-        loss = rm.loss(data_parallel.local_share(ids).to(device)) / len(batches)
-        loss.backward()
-        total += loss.item()
+    with rm.matmul_precision():
+        for ids in batches:
+            loss = rm.loss(data_parallel.local_share(ids).to(device)) / len(batches)
+            loss.backward()
+            total += loss.item()
     data_parallel.average_gradients(rm.rotation_parameters())
     return data_parallel.mean(total, device)
 
@@ -278,6 +279,7 @@ def sidecar(plan: Plan, progress: Progress, device: torch.device, command: str) 
         quant=asdict(RECIPES[plan.recipe]),
         init="hadamard",
         optimizer="Cayley SGD (spinquant/cayley.py)",
+        w_r_products="tf32" if plan.dtype == "bf16" and device.type == "cuda" else "ieee",  # RotatedLlama.matmul_precision
         schedule="cosine to 0",
         first_loss=progress.losses[0],
         final_loss=progress.losses[-1],

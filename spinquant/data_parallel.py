@@ -1,6 +1,8 @@
 """Rotation learning over several processes (one per GPU, launched by torchrun): each process holds the
 whole frozen model, takes an equal share of every micro-batch, and the rotations' gradients are averaged
-before the (identical) Cayley step, as DistributedDataParallel would do for R1 and the R2s.
+before the (identical) Cayley step, as DistributedDataParallel would do for R1 and the R2s. The weights'
+rotation, the same work on every process, is split too: each process rotates and fake-quantizes its part
+of each weight (RotatedLlama) and the parts are gathered.
 
 Not FSDP: the rotations are the only trainable tensors and an 8B model's frozen bf16 weights (15 GiB) fit
 each GPU with room to spare, so sharding them would only add an all-gather of every layer's weights to
@@ -44,6 +46,32 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shard(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """This process's equal part of `t` along `dim` (all of it for dim None)."""
+    return t if dim is None else t.chunk(world_size(), dim)[rank()]
+
+
+def gather_shards(part: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Every process's `part` joined along `dim`, differentiably: each process's gradient is its part of the
+    gradients summed over the processes."""
+    return part if dim is None else _GatherShards.apply(part, dim)
+
+
+class _GatherShards(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim = dim
+        parts = [torch.empty_like(part) for _ in range(world_size())]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = grad.contiguous().clone()  # all_reduce works in place
+        dist.all_reduce(total)
+        return total.chunk(world_size(), ctx.dim)[rank()], None
 
 
 def local_share(ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ differentiable in R1 and R2. The loss makes its logits a chunk of tokens at a ti
 as rotation.py: a rotated activation is x @ R.
 """
 
+import math
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -19,10 +20,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
-from spinquant import hadamard
+from spinquant import data_parallel, hadamard
 from spinquant.errors import UserError
 from spinquant.quant import QuantConfig, activation_quantizer, check_groups, lm_head_config, quantize_weight, use_kv_quantization
-from spinquant.families import R1_READERS, R1_WRITERS, layer_linears
+from spinquant.families import ATTENTION_INPUTS, R1_READERS, R1_WRITERS, layer_linears
 from spinquant.rotation import (Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, rotated_layer_biases,
                                 rotated_layer_weights, untie_embeddings)
 
@@ -128,12 +129,31 @@ class RotatedLlama(nn.Module):
             _forget_rotated_weights(layer)
 
     def _rotate_layer(self, i: int, layer: nn.Module) -> None:
-        """Decoder layer i's linears' weights rotated by R1 and its R2, fake-quantized."""
+        """Decoder layer i's linears' weights rotated by R1 and its R2, fake-quantized; under torchrun each process
+        makes its part of each weight (_shard_dim) and the parts are gathered."""
         exact = _exact_dtype(self.dtype)
-        frozen = {name: linear.frozen.to(exact) for name, linear in layer_linears(layer, R1_READERS + R1_WRITERS).items()}
+        linears = layer_linears(layer, R1_READERS + R1_WRITERS)
+        dims = {name: self._shard_dim(name, linear.frozen) for name, linear in linears.items()}
+        frozen = {name: data_parallel.shard(linear.frozen, dims[name]).to(exact) for name, linear in linears.items()}
         for name, w in rotated_layer_weights(frozen, self.r1, self.r2[i], self.head_dim).items():
-            self._set(layer.get_submodule(name), w)
+            linear = linears[name]
+            linear.rotated_weight = data_parallel.gather_shards(quantize_weight(w, self.qc, ste=True).to(self.dtype), dims[name])
         self._set_rotated_biases(layer, self.r2[i])
+
+    def _shard_dim(self, name: str, w: torch.Tensor) -> int | None:
+        """Along which dimension each process rotates an equal part of weight `w`, or None (all of it): R1's readers
+        by output rows (W·R1 row by row; v_proj's R2 by whole heads), its writers by input columns (R1ᵀ·W column by
+        column; o_proj's R2 by whole heads; the 4-bit groups whole). Phi-3's fused qkv_proj finds its values by
+        o_proj's width, so it is made whole."""
+        n = data_parallel.world_size()
+        if n == 1 or name == "self_attn.qkv_proj":
+            return None
+        if name in R1_READERS:
+            return 0 if w.shape[0] % (n * (self.head_dim if name in ATTENTION_INPUTS else 1)) == 0 else None
+        if self.qc.w_bits < 16 and not self.qc.w_group:
+            return None  # one scale per row: a row's columns cannot be quantized apart
+        align = math.lcm(self.qc.w_group or 1, self.head_dim if name == "self_attn.o_proj" else 1)
+        return 1 if w.shape[1] % (n * align) == 0 else None
 
     def _rotate_lm_head(self) -> None:
         if self.qc.lm_head:

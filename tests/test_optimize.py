@@ -7,6 +7,7 @@ import torch
 
 from spinquant import optimize
 from spinquant.errors import UserError
+from spinquant.families import R1_READERS, R1_WRITERS, layer_linears
 from spinquant.models import tiny_llama, tiny_llama_config
 from spinquant.optimize import Plan, learn, rotation_bytes, sample_order
 from spinquant.pipeline import prepare
@@ -271,7 +272,9 @@ def learn_as_process(rank: int, world: int, port: int, out, plan_fields: dict) -
     data_parallel.start("cpu")
     try:
         rm, progress = learn(sharp_tiny_llama(torch.float64), windows(), plan(**plan_fields), CPU, progress_bar=False)
-        torch.save({"rotations": rm.spinquant_state(), "losses": progress.losses}, out / f"rank{rank}.pt")
+        layer = rm.model.model.layers[0]
+        split = {name: rm._shard_dim(name, linear.frozen) for name, linear in layer_linears(layer, R1_READERS + R1_WRITERS).items()}
+        torch.save({"rotations": rm.spinquant_state(), "losses": progress.losses, "split": split}, out / f"rank{rank}.pt")
     finally:
         data_parallel.stop()
 
@@ -287,6 +290,9 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(learn_as_process, args=(2, port, tmp_path, fields), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    readers = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    assert ranks[0]["split"] == {**{f"{'mlp' if r.endswith(('gate_proj', 'up_proj')) else 'self_attn'}.{r}": 0 for r in readers},
+                                 "self_attn.o_proj": 1, "mlp.down_proj": 1}  # each process rotated half of every weight
     for two in ranks:  # each process holds the same rotations, and they are the single process's
         assert two["losses"] == pytest.approx(progress.losses, rel=1e-12)
         for name, r in one.spinquant_state().items():

@@ -3,6 +3,7 @@
     python -m runner.arm64 prepare                                  # once: the arm64 environment (~2 min)
     python -m runner.arm64 run --pte P --prompt TEXT --out arm64.pt   # prefill + greedy decode on arm64
     python -m runner.arm64 compare --pte P --prompt TEXT              # x86 and arm64, same tokens? logits?
+    python -m runner.arm64 compare --pte P --prompt TEXT --kernels    # and which arm64 kernels and extensions ran
 
 `compare` exits 1 when the arm64 run differs (other tokens, or logits past record_diff's bars).
 """
@@ -12,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from runner.arm64_env import DEFAULT_CPU, REPO, Arm64Env, prepare, say
@@ -38,9 +40,22 @@ def prompt_ids(args: argparse.Namespace) -> list[int]:
     return encode(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True), args.prompt, chat=args.chat)
 
 
-def record_args(pte: Path, ids: list[int], max_new_tokens: int, out: Path) -> list[str]:
-    return ["-m", RECORD, "--pte", str(pte.resolve()), "--ids", ",".join(map(str, ids)),
-            "--max-new-tokens", str(max_new_tokens), "--out", str(out.resolve())]
+@dataclass(frozen=True)
+class Decode:
+    """What a run does, the same on both machines: prefill `ids`, then greedy tokens."""
+
+    pte: Path
+    ids: list[int]
+    max_new_tokens: int
+    ignore_eos: bool = False
+
+    def record_args(self, out: Path) -> list[str]:
+        """runner.greedy_record's arguments, its record written to `out`."""
+        return ["--pte", str(self.pte.resolve()), "--ids", ",".join(map(str, self.ids)), "--max-new-tokens", str(self.max_new_tokens),
+                "--out", str(out.resolve()), *(["--ignore-eos"] if self.ignore_eos else [])]
+
+    def describe(self) -> str:
+        return f"{len(self.ids)} prompt tokens, up to {self.max_new_tokens} new"
 
 
 def run_record(command: list[str], machine: str) -> None:
@@ -53,32 +68,55 @@ def run_record(command: list[str], machine: str) -> None:
     say(f"{machine} run took {time.perf_counter() - start:.0f} s")
 
 
-def run_arm64(env: Arm64Env, pte: Path, ids: list[int], max_new_tokens: int, out: Path, threads: int = 1, cpu: str = DEFAULT_CPU) -> None:
-    say(f"running {pte.name} under qemu-aarch64 -cpu {cpu} ({len(ids)} prompt tokens, up to {max_new_tokens} new)")
-    run_record(env.command(record_args(pte, ids, max_new_tokens, out), threads, cpu), "arm64")
+def run_arm64(env: Arm64Env, decode: Decode, out: Path, threads: int = 1, cpu: str = DEFAULT_CPU) -> None:
+    say(f"running {decode.pte.name} under qemu-aarch64 -cpu {cpu} ({decode.describe()})")
+    run_record(env.command(["-m", RECORD, *decode.record_args(out)], threads, cpu), "arm64")
 
 
-def run_x86(pte: Path, ids: list[int], max_new_tokens: int, out: Path) -> None:
-    say(f"running {pte.name} on this machine ({len(ids)} prompt tokens, up to {max_new_tokens} new)")
-    run_record([sys.executable, *record_args(pte, ids, max_new_tokens, out)], "x86")
+def run_arm64_traced(env: Arm64Env, decode: Decode, out: Path, threads: int = 1, cpu: str = DEFAULT_CPU) -> dict:
+    """The arm64 run with qemu's translation log: its record, and which kernels and extensions ran (runner/arm64_trace.py),
+    also written beside the record (kernels.json, kernels.md)."""
+    from runner.arm64_trace import kernel_report, markdown
+
+    log, maps = out.parent / "qemu-in_asm.log", out.parent / "maps.txt"
+    say(f"running {decode.pte.name} under qemu-aarch64 -cpu {cpu} with its translation log ({decode.describe()})")
+    guest = ["-m", "runner.arm64_trace", str(maps.resolve()), *decode.record_args(out)]
+    try:
+        run_record(env.command(guest, threads, cpu, ("-d", "in_asm", "-D", str(log.resolve()))), "arm64 (traced)")
+        report = kernel_report(log, maps.read_text(), env.path)
+    finally:
+        log.unlink(missing_ok=True)  # hundreds of MB: every instruction qemu translated
+    write_atomic(out.parent / "kernels.json", (json.dumps(report, indent=2) + "\n").encode())
+    write_atomic(out.parent / "kernels.md", (markdown(report) + "\n").encode())
+    return report
 
 
-def compare(pte: Path, ids: list[int], max_new_tokens: int, out_dir: Path, threads: int = 1, cpu: str = DEFAULT_CPU) -> dict:
-    """Both runs, their records in out_dir (x86.pt, arm64.pt) and the comparison (diff.json, diff.md)."""
+def run_x86(decode: Decode, out: Path) -> None:
+    say(f"running {decode.pte.name} on this machine ({decode.describe()})")
+    run_record([sys.executable, "-m", RECORD, *decode.record_args(out)], "x86")
+
+
+def compare(decode: Decode, out_dir: Path, threads: int = 1, cpu: str = DEFAULT_CPU, trace: bool = False) -> dict:
+    """Both runs, their records in out_dir (x86.pt, arm64.pt) and the comparison (diff.json, diff.md); with `trace`,
+    the arm64 run is traced and the payload's "kernels" says what ran there."""
     import torch
 
     from runner.record_diff import diff_records, markdown
 
     env = prepare()
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_x86(pte, ids, max_new_tokens, out_dir / "x86.pt")
-    run_arm64(env, pte, ids, max_new_tokens, out_dir / "arm64.pt", threads, cpu)
+    run_x86(decode, out_dir / "x86.pt")
+    if trace:
+        kernels = run_arm64_traced(env, decode, out_dir / "arm64.pt", threads, cpu)
+    else:
+        run_arm64(env, decode, out_dir / "arm64.pt", threads, cpu)
     x86, arm64 = (torch.load(out_dir / f"{name}.pt") for name in ("x86", "arm64"))
     if arm64["machine"] != "aarch64":
         raise UserError(f"the arm64 run reports machine {arm64['machine']!r}, not aarch64")
     diff = diff_records(x86, arm64)
-    payload = {"pte": str(pte), "qemu_cpu": cpu, "prompt_ids": ids, "x86_tokens": x86["tokens"], "arm64_tokens": arm64["tokens"],
-               "diff": diff.as_dict(), "passes": diff.passes()}
+    payload = {"pte": str(decode.pte), "qemu_cpu": cpu, "prompt_ids": decode.ids, "ignore_eos": decode.ignore_eos,
+               "x86_tokens": x86["tokens"], "arm64_tokens": arm64["tokens"], "diff": diff.as_dict(), "passes": diff.passes(),
+               **({"kernels": kernels} if trace else {})}
     write_atomic(out_dir / "diff.json", (json.dumps(payload, indent=2) + "\n").encode())
     write_atomic(out_dir / "diff.md", (markdown(diff) + "\n").encode())
     return payload
@@ -97,10 +135,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         s.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the .pte's)")
         s.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
         s.add_argument("--max-new-tokens", type=int, default=32)
+        s.add_argument("--ignore-eos", action="store_true", help="decode past end tokens, to --max-new-tokens")
         s.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the arm64 run (ExecuTorch's thread pool sizes itself)")
         s.add_argument("--cpu", default=DEFAULT_CPU, help=f"qemu's -cpu (default {DEFAULT_CPU}: see runner/arm64_env.py)")
     sub.choices["run"].add_argument("--out", type=Path, required=True, help="the arm64 record (torch.save)")
     sub.choices["compare"].add_argument("--out-dir", type=Path, help="default: <pte dir>/arm64/")
+    sub.choices["compare"].add_argument("--kernels", action="store_true",
+                                        help="trace the arm64 run (qemu -d in_asm): which XNNPACK/KleidiAI kernels and "
+                                             "instruction-set extensions ran, in kernels.json and kernels.md; slower")
     return p.parse_args(argv)
 
 
@@ -113,16 +155,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.pte.is_file():
         raise UserError(f"program not found: {args.pte}")
-    ids = prompt_ids(args)
+    decode = Decode(args.pte, prompt_ids(args), args.max_new_tokens, args.ignore_eos)
     if args.command == "run":
-        run_arm64(prepare(), args.pte, ids, args.max_new_tokens, args.out, args.threads, args.cpu)
+        run_arm64(prepare(), decode, args.out, args.threads, args.cpu)
         return 0
     from runner.record_diff import RecordDiff, markdown
 
     out_dir = args.out_dir or args.pte.parent / "arm64"
-    payload = compare(args.pte, ids, args.max_new_tokens, out_dir, args.threads, args.cpu)
+    payload = compare(decode, out_dir, args.threads, args.cpu, trace=args.kernels)
     diff = RecordDiff(**payload["diff"])
     print(markdown(diff))
+    if args.kernels:
+        print((out_dir / "kernels.md").read_text())
     if not diff.passes():
         print(f"runner.arm64: arm64 differs from x86: {'; '.join(diff.failures())} ({out_dir / 'diff.json'})", file=sys.stderr)
         return 1

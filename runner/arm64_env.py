@@ -110,8 +110,9 @@ class Arm64Env:
     def kernel_library(self) -> Path:
         return self.path / "libspinquant_kernels.so"
 
-    def command(self, args: list[str], threads: int = 1, cpu: str = DEFAULT_CPU) -> list[str]:
-        """`python3.11 args...` under qemu (emulating `cpu`) with this environment and this checkout's code."""
+    def command(self, args: list[str], threads: int = 1, cpu: str = DEFAULT_CPU, qemu_options: tuple[str, ...] = ()) -> list[str]:
+        """`python3.11 args...` under qemu (emulating `cpu`, with `qemu_options` such as its -d logging)
+        with this environment and this checkout's code."""
         env = {
             "PYTHONPATH": f"{self.path / 'site'}:{REPO}",
             "LD_LIBRARY_PATH": str(self.path / "stubs"),
@@ -119,7 +120,7 @@ class Arm64Env:
             "OMP_NUM_THREADS": str(threads),
             "PYTHONDONTWRITEBYTECODE": "1",  # the checkout's __pycache__ stays x86 Python's
         }
-        qemu = [tool("qemu-aarch64", "qemu-user"), "-cpu", cpu, "-L", str(self.sysroot)]
+        qemu = [tool("qemu-aarch64", "qemu-user"), "-cpu", cpu, "-L", str(self.sysroot), *qemu_options]
         for name, value in env.items():
             qemu += ["-E", f"{name}={value}"]
         return [*qemu, str(self.python), *args]

@@ -24,11 +24,11 @@ from spinquant.files import write_atomic
 
 
 @torch.no_grad()
-def greedy_record(program: PteProgram, prompt_ids: list[int], max_new_tokens: int) -> dict:
-    """Prefill the prompt (logits of every position: a program exported with --full-logits), then greedy tokens until an end token, the
-    cache's end or max_new_tokens; ends are kept in `tokens` so both machines stop alike."""
+def greedy_record(program: PteProgram, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> dict:
+    """Prefill the prompt (logits of every position: a program exported with --full-logits), then greedy tokens until an end token
+    (unless `ignore_eos`), the cache's end or max_new_tokens; ends are kept in `tokens` so both machines stop alike."""
     meta = program.metadata()
-    ends, max_len = set(meta.get("get_eos_ids", [])), meta["get_max_context_len"]
+    ends, max_len = set() if ignore_eos else set(meta.get("get_eos_ids", [])), meta["get_max_context_len"]
     if not 0 < len(prompt_ids) < max_len:
         raise UserError(f"the prompt has {len(prompt_ids)} tokens; the program holds 1 to {max_len - 1}")
     prompt_logits = program.prefill_logits(torch.tensor([prompt_ids]))[0].float()
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pte", type=Path, required=True)
     p.add_argument("--ids", required=True, help="prompt token ids, comma-separated")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ignore-eos", action="store_true", help="decode past end tokens, to max-new-tokens")
     p.add_argument("--out", type=Path, required=True, help="the record (torch.save)")
     args = p.parse_args(argv)
     if not args.pte.is_file():
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     program = PteProgram(args.pte)
     loaded = time.perf_counter()
-    record = greedy_record(program, parse_ids(args.ids), args.max_new_tokens)
+    record = greedy_record(program, parse_ids(args.ids), args.max_new_tokens, args.ignore_eos)
     save_record(record, args.out)
     print(
         f"{record['machine']}: {len(record['prompt_ids'])} prompt tokens, {len(record['tokens'])} generated; "

@@ -44,13 +44,13 @@ def arm64_env():
 @pytest.fixture(scope="module")
 def records(arm64_env, tiny_hf_dir, tmp_path_factory):
     """The tiny model's default program (online Hadamard, XNNPACK 8da4w) with every position's logits, run on both machines."""
-    from runner.arm64 import compare
+    from runner.arm64 import Decode, compare
 
     opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, full_logits=True, output_dir=tmp_path_factory.mktemp("pte"))
     run(opts.check())
     pte = opts.output_dir / "model.pte"
     assert b"spinquant::hadamard_transform" in pte.read_bytes()  # our kernel runs on arm64 too
-    payload = compare(pte, PROMPT, 8, opts.output_dir / "arm64")
+    payload = compare(Decode(pte, PROMPT, 8), opts.output_dir / "arm64", trace=True)  # one qemu run for both tests below
     x86, arm64 = (torch.load(opts.output_dir / "arm64" / f"{m}.pt") for m in ("x86", "arm64"))
     return payload, x86, arm64
 
@@ -98,3 +98,50 @@ def test_prebuilt_kernel_library_must_exist(tmp_path, monkeypatch):
     monkeypatch.setenv("SPINQUANT_KERNEL_LIBRARY", str(tmp_path / "none.so"))
     with pytest.raises(UserError, match="SPINQUANT_KERNEL_LIBRARY=.*none.so: no such file"):
         kernels.build_library()
+
+
+def test_traced_arm64_run_names_the_kernels_that_ran(records):
+    """qemu's translation log, placed in the libraries: XNNPACK ran KleidiAI's matmuls, i8mm in the prefill and
+    dot-product in the decode steps, and our Hadamard kernel ran; the log itself is not kept."""
+    payload, _, _ = records
+    report = payload["kernels"]
+    xnnpack = report["libexecutorch_backend_xnnpack.so"]
+    assert xnnpack["instructions_by_extension"].get("i8mm", 0) > 0
+    assert xnnpack["instructions_by_extension"].get("dot-product", 0) > 0
+    assert "SME" not in xnnpack["instructions_by_extension"]  # the default emulated CPU has SME off
+    assert any(name.startswith("kai_") and "i8mm" in name for name in xnnpack["instructions_by_function"])
+    assert any("hadamard" in name for name in report["libspinquant_kernels.so"]["instructions_by_function"])
+    out = Path(payload["pte"]).parent / "arm64"
+    assert (out / "kernels.md").is_file() and not (out / "qemu-in_asm.log").exists()
+
+
+class OurKernels(torch.nn.Module):
+    """Each of our ExecuTorch kernels once, on inputs with positions past 0 (RoPE turns them) and an int8 cache."""
+
+    def forward(self, x, gain, q, k, v, cos, sin, gate_up, wide):
+        ops = torch.ops.spinquant
+        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        k8, v8 = ops.quantize_kv_rows(k), ops.quantize_kv_rows(v)
+        return (ops.rms_norm(x, gain, 1e-5), q, k8, v8, ops.silu_mul(gate_up), ops.hadamard_transform(wide),
+                ops.attend_kv_cache(q, k8, v8, 0, 0.125), ops.attend_kv_cache(q, k, v, 0, 0.125))
+
+
+def test_our_kernels_give_the_same_bits_on_arm64(arm64_env, tmp_path):
+    """No fused multiply-add the source did not write, sums in one order (kernels/cpu/fixed_order.h): x86 and arm64
+    agree bit for bit, so an int8 rounding downstream cannot tell them apart."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    import kernels  # noqa: F401  (torch.ops.spinquant)
+    from runner.arm64_execute import execute, execute_on_arm64
+
+    torch.manual_seed(0)
+    tokens, angles = 8, torch.arange(8.0)[:, None] * (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))[None]
+    turn = torch.cat([angles, angles], -1)[None, :, None]
+    args = (torch.randn(1, tokens, 576) * 3, torch.rand(576) + 0.5, torch.randn(1, tokens, 9, 64) * 2, torch.randn(1, tokens, 3, 64) * 2,
+            torch.randn(1, tokens, 3, 64), turn.cos(), turn.sin(), torch.randn(1, tokens, 2 * 1536) * 2, torch.randn(tokens, 14336))
+    program = to_edge(torch.export.export(OurKernels(), args), compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    (tmp_path / "ops.pte").write_bytes(program.to_executorch().buffer)
+    x86, arm64 = execute(tmp_path / "ops.pte", args), execute_on_arm64(arm64_env, tmp_path / "ops.pte", args)
+    names = ("rms_norm", "rope", "quantize_kv_rows k", "quantize_kv_rows v", "silu_mul", "hadamard_transform",
+             "attend_kv_cache int8", "attend_kv_cache float")
+    assert [name for name, a, b in zip(names, x86, arm64) if not torch.equal(a, b)] == []

@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "exp_nonpositive.h"
+#include "fixed_order.h"
 
 namespace spinquant {
 
@@ -40,28 +41,15 @@ inline float row_scale(const int8_t* row, int64_t dim) {
   return scale;
 }
 
-// Eight floats in GCC/Clang's generic vector extension (one AVX2 register, two NEON ones). Written out
-// because GCC's own vectorization of these loops keeps its int8 partial sums in memory (measured: the
-// int8 cache then took twice the float one's time).
-typedef float Floats8 __attribute__((vector_size(32)));
+// The loops below are written in fixed_order.h's eight-lane vectors because GCC's own vectorization of them
+// keeps its int8 partial sums in memory (measured: the int8 cache then took twice the float one's time).
 typedef int32_t Int32s8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-inline Floats8 load8(const float* p) {
-  Floats8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 inline Floats8 load8(const int8_t* p) {
   // Lane by lane into int32, then one conversion: GCC makes that one widening load (vpmovsxbd) and one
   // vcvtdq2ps, where int8 vectors converted to float directly go through general registers a lane at a time.
   const Int32s8 wide = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]};
   return __builtin_convertvector(wide, Floats8);
-}
-
-inline float sum8(Floats8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
 inline float row_scale(const float*, int64_t) { return 1.0f; }
@@ -118,13 +106,9 @@ void add_scaled(float weight, const Row* v, int64_t dim, float* out) {
 inline void softmax(float* scores, int64_t rows, float scale) {
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < rows; ++j) top = std::max(top, scores[j]);
-  float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-  for (int64_t j = 0; j < rows; ++j) {
-    scores[j] = exp_nonpositive(scale * (scores[j] - top));
-    total += scores[j];
-  }
-  const float normalize = 1.0f / total;
+#pragma omp simd
+  for (int64_t j = 0; j < rows; ++j) scores[j] = exp_nonpositive(scale * (scores[j] - top));
+  const float normalize = 1.0f / sum_in_fixed_order(scores, rows);
 #pragma omp simd
   for (int64_t j = 0; j < rows; ++j) scores[j] *= normalize;
 }

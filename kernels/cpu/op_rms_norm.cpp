@@ -3,6 +3,7 @@
 // on the demo: each call's dispatch costs more than its arithmetic on a 576-float row.
 #include <cmath>
 
+#include "fixed_order.h"
 #include "kernel_util.h"
 
 namespace spinquant::native {
@@ -12,9 +13,7 @@ namespace {
 constexpr const char* kOp = "spinquant::rms_norm.out";
 
 void normalize_row(const float* x, const float* gain, int64_t n, float eps, float* out) {
-  float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t d = 0; d < n; ++d) squares += x[d] * x[d];
+  const float squares = dot_in_fixed_order(x, x, n);
   const float inverse = 1.0f / std::sqrt(squares / static_cast<float>(n) + eps);
   if (gain == nullptr) {
 #pragma omp simd

@@ -113,14 +113,14 @@ def library_file(library: Library, env_path: Path) -> Path:
 
 
 def kernel_report(log: Path, maps_text: str, env_path: Path) -> dict:
-    """Per library: the exported functions that ran (their blocks and instructions) and the extensions
-    their instructions and the hidden functions' instructions use."""
+    """Per library: the instructions that ran by function (exported, or "(not exported)"), and by extension per
+    function and in all."""
     libraries = mapped_libraries(maps_text)
     for library in libraries.values():
         library.functions = exported_functions(library_file(library, env_path))
     ranges = sorted((lib.start, lib.end, lib) for lib in libraries.values())
-    functions: dict[str, Counter] = defaultdict(Counter)
-    extensions: dict[str, Counter] = defaultdict(Counter)
+    functions: dict[str, Counter] = defaultdict(Counter)  # library → function → instructions
+    extensions: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))  # library → function → kind → instructions
     with log.open(errors="replace") as f:
         for line in f:
             match = LINE.match(line)
@@ -135,11 +135,15 @@ def kernel_report(log: Path, maps_text: str, env_path: Path) -> dict:
             functions[library.name][name] += 1
             kind = extension(int(match.group(2), 16))
             if kind is not None:
-                extensions[library.name][kind] += 1
-                functions[library.name][f"{name} [{kind}]"] += 1
-    return {name: {"instructions_by_function": dict(functions[name].most_common()),
-                   "instructions_by_extension": {k: extensions[name][k] for k in EXTENSIONS if extensions[name][k]}}
-            for name in libraries}
+                extensions[library.name][name][kind] += 1
+    report = {}
+    for name in libraries:
+        by_function = {f: dict(kinds) for f, kinds in extensions[name].items()}
+        totals = sum(extensions[name].values(), Counter())
+        report[name] = {"instructions_by_function": dict(functions[name].most_common()),
+                        "extensions_by_function": by_function,
+                        "instructions_by_extension": {k: totals[k] for k in EXTENSIONS if totals[k]}}
+    return report
 
 
 def markdown(report: dict) -> str:
@@ -147,15 +151,15 @@ def markdown(report: dict) -> str:
     rows = ["| library | instructions run (translated once) | " + " | ".join(EXTENSIONS) + " |",
             "| --- | --- | " + " | ".join("---" for _ in EXTENSIONS) + " |"]
     for name, entry in report.items():
-        total = sum(n for f, n in entry["instructions_by_function"].items() if not f.endswith("]"))
+        total = sum(entry["instructions_by_function"].values())
         rows.append(f"| {name} | {total} | " + " | ".join(str(entry["instructions_by_extension"].get(k, 0)) for k in EXTENSIONS) + " |")
     rows += ["", "| library | exported function that ran | its instructions | of which by extension |", "| --- | --- | --- | --- |"]
     for name, entry in report.items():
-        counts = entry["instructions_by_function"]
-        for function, n in counts.items():
-            if function.endswith("]") or not re.search(r"ukernel|^kai_|spinquant|hadamard", function):
+        for function, n in entry["instructions_by_function"].items():
+            if not re.search(r"ukernel|^kai_|spinquant|hadamard", function):
                 continue
-            kinds = ", ".join(f"{k} {counts[f'{function} [{k}]']}" for k in EXTENSIONS if f"{function} [{k}]" in counts)
+            kinds = entry["extensions_by_function"].get(function, {})
+            kinds = ", ".join(f"{k} {kinds[k]}" for k in EXTENSIONS if k in kinds)
             rows.append(f"| {name} | `{function}` | {n} | {kinds or '-'} |")
     return "\n".join(rows)
 

@@ -19,9 +19,20 @@ import torch.distributed as dist
 from spinquant.errors import UserError
 
 
+def launched_processes() -> int:
+    """How many processes torchrun started (1 without torchrun), known before the process group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_processes() > 1
+
+
+def check_batch_splits(batch_size: int, processes: int) -> None:
+    """A batch's windows go to the processes in equal shares."""
+    if batch_size % processes:
+        raise UserError(f"--batch-size {batch_size} does not split over {processes} processes: use a multiple of {processes}")
 
 
 def start(device_type: str) -> torch.device:
@@ -76,10 +87,8 @@ class _GatherShards(torch.autograd.Function):
 
 def local_share(ids: torch.Tensor) -> torch.Tensor:
     """This process's windows of a micro-batch: an equal, contiguous share."""
-    n = world_size()
-    if len(ids) % n:
-        raise UserError(f"a batch of {len(ids)} windows does not split over {n} processes: use a --batch-size divisible by {n}")
-    return ids.tensor_split(n)[rank()]
+    check_batch_splits(len(ids), world_size())
+    return shard(ids, 0)
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:

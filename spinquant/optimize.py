@@ -268,9 +268,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--lr must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size % processes:
-        raise UserError(f"--batch-size {args.batch_size} does not split over {processes} processes: use a multiple of {processes}")
+    data_parallel.check_batch_splits(args.batch_size, data_parallel.launched_processes())
 
 
 def sidecar(plan: Plan, progress: Progress, device: torch.device, command: str) -> dict:

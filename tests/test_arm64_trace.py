@@ -59,10 +59,8 @@ def test_kernel_report_places_instructions_in_libraries_and_functions(tmp_path, 
     report = kernel_report(log, MAPS, tmp_path)
     xnnpack = report["libexecutorch_backend_xnnpack.so"]
     assert xnnpack["instructions_by_extension"] == {"i8mm": 1, "dot-product": 1}
-    assert xnnpack["instructions_by_function"] == {
-        "kai_kernel_matmul_i8mm": 3, "kai_kernel_matmul_i8mm [i8mm]": 1, "kai_kernel_matmul_i8mm [dot-product]": 1,
-        "(not exported)": 1,
-    }
+    assert xnnpack["instructions_by_function"] == {"kai_kernel_matmul_i8mm": 3, "(not exported)": 1}
+    assert xnnpack["extensions_by_function"] == {"kai_kernel_matmul_i8mm": {"i8mm": 1, "dot-product": 1}}
     assert report["libspinquant_kernels.so"]["instructions_by_function"] == {"spinquant_hadamard": 1}
     assert "other.so" not in str(report)  # only the libraries a program's arithmetic runs in
 

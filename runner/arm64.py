@@ -4,6 +4,7 @@
     python -m runner.arm64 run --pte P --prompt TEXT --out arm64.pt   # prefill + greedy decode on arm64
     python -m runner.arm64 compare --pte P --prompt TEXT              # x86 and arm64, same tokens? logits?
     python -m runner.arm64 compare --pte P --prompt TEXT --kernels    # and which arm64 kernels and extensions ran
+    python -m runner.arm64 operators --pte P --ids 1                  # which operator's output differs first
 
 `compare` exits 1 when the arm64 run differs (other tokens, or logits past record_diff's bars).
 """
@@ -122,11 +123,30 @@ def compare(decode: Decode, out_dir: Path, threads: int = 1, cpu: str = DEFAULT_
     return payload
 
 
+def compare_operators(pte: Path, ids: list[int], out_dir: Path, cpu: str = DEFAULT_CPU) -> str:
+    """One forward of `ids` on both machines with every operator's output logged (runner/arm64_operators.py); the
+    outputs that differ, in execution order, written to operators.md and returned."""
+    from runner.arm64_operators import differences, first_delegate_input, markdown, operator_outputs, quantizer_disagreements
+
+    env = prepare()
+    runs = {"x86": out_dir / "operators-x86", "arm64": out_dir / "operators-arm64"}
+    guest = ["-m", "runner.arm64_operators", str(pte.resolve()), ",".join(map(str, ids))]
+    say(f"running one forward of {pte.name} ({len(ids)} tokens) on both machines, every operator's output logged")
+    run_record([sys.executable, *guest, str(runs["x86"].resolve())], "x86")
+    run_record(env.command([*guest, str(runs["arm64"].resolve())], cpu=cpu), "arm64")
+    x86 = operator_outputs(runs["x86"])
+    diffs = differences(x86, operator_outputs(runs["arm64"]))
+    rows = first_delegate_input(x86, diffs)
+    report = markdown(diffs, None if rows is None else quantizer_disagreements(rows), rows)
+    write_atomic(out_dir / "operators.md", (report + "\n").encode())
+    return report
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.arm64", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="prepare (once) and check the arm64 environment; prints its path")
-    for name in ("run", "compare"):
+    for name in ("run", "compare", "operators"):
         s = sub.add_parser(name)
         s.add_argument("--pte", type=Path, required=True)
         which = s.add_mutually_exclusive_group(required=True)
@@ -134,12 +154,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         which.add_argument("--ids", help="prompt token ids, comma-separated")
         s.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: the .pte's)")
         s.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+        s.add_argument("--cpu", default=DEFAULT_CPU, help=f"qemu's -cpu (default {DEFAULT_CPU}: see runner/arm64_env.py)")
+    for name in ("run", "compare"):
+        s = sub.choices[name]
         s.add_argument("--max-new-tokens", type=int, default=32)
         s.add_argument("--ignore-eos", action="store_true", help="decode past end tokens, to --max-new-tokens")
         s.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the arm64 run (ExecuTorch's thread pool sizes itself)")
-        s.add_argument("--cpu", default=DEFAULT_CPU, help=f"qemu's -cpu (default {DEFAULT_CPU}: see runner/arm64_env.py)")
     sub.choices["run"].add_argument("--out", type=Path, required=True, help="the arm64 record (torch.save)")
-    sub.choices["compare"].add_argument("--out-dir", type=Path, help="default: <pte dir>/arm64/")
+    for name in ("compare", "operators"):
+        sub.choices[name].add_argument("--out-dir", type=Path, help="default: <pte dir>/arm64/")
     sub.choices["compare"].add_argument("--kernels", action="store_true",
                                         help="trace the arm64 run (qemu -d in_asm): which XNNPACK/KleidiAI kernels and "
                                              "instruction-set extensions ran, in kernels.json and kernels.md; slower")
@@ -155,13 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.pte.is_file():
         raise UserError(f"program not found: {args.pte}")
+    if args.command == "operators":
+        print(compare_operators(args.pte, prompt_ids(args), args.out_dir or args.pte.parent / "arm64", args.cpu))
+        return 0
     decode = Decode(args.pte, prompt_ids(args), args.max_new_tokens, args.ignore_eos)
     if args.command == "run":
         run_arm64(prepare(), decode, args.out, args.threads, args.cpu)
         return 0
+    out_dir = args.out_dir or args.pte.parent / "arm64"
     from runner.record_diff import RecordDiff, markdown
 
-    out_dir = args.out_dir or args.pte.parent / "arm64"
     payload = compare(decode, out_dir, args.threads, args.cpu, trace=args.kernels)
     diff = RecordDiff(**payload["diff"])
     print(markdown(diff))

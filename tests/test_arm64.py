@@ -6,11 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from export.options import ExportOptions
 from export.to_pte import run
+from runner.arm64_operators import quantization_multiplier
 from runner.record_diff import diff_records
 from spinquant.errors import UserError
 
@@ -42,16 +44,22 @@ def arm64_env():
 
 
 @pytest.fixture(scope="module")
-def records(arm64_env, tiny_hf_dir, tmp_path_factory):
-    """The tiny model's default program (online Hadamard, XNNPACK 8da4w) with every position's logits, run on both machines."""
-    from runner.arm64 import Decode, compare
-
+def tiny_pte(tiny_hf_dir, tmp_path_factory) -> Path:
+    """The tiny model's default program (online Hadamard, XNNPACK 8da4w) with every position's logits."""
     opts = ExportOptions(model=str(tiny_hf_dir), max_seq_len=32, full_logits=True, output_dir=tmp_path_factory.mktemp("pte"))
     run(opts.check())
     pte = opts.output_dir / "model.pte"
     assert b"spinquant::hadamard_transform" in pte.read_bytes()  # our kernel runs on arm64 too
-    payload = compare(Decode(pte, PROMPT, 8), opts.output_dir / "arm64", trace=True)  # one qemu run for both tests below
-    x86, arm64 = (torch.load(opts.output_dir / "arm64" / f"{m}.pt") for m in ("x86", "arm64"))
+    return pte
+
+
+@pytest.fixture(scope="module")
+def records(arm64_env, tiny_pte):
+    """The tiny program run on both machines."""
+    from runner.arm64 import Decode, compare
+
+    payload = compare(Decode(tiny_pte, PROMPT, 8), tiny_pte.parent / "arm64", trace=True)  # one qemu run for both tests below
+    x86, arm64 = (torch.load(tiny_pte.parent / "arm64" / f"{m}.pt") for m in ("x86", "arm64"))
     return payload, x86, arm64
 
 
@@ -114,6 +122,76 @@ def test_traced_arm64_run_names_the_kernels_that_ran(records):
     assert any("hadamard" in name for name in report["libspinquant_kernels.so"]["instructions_by_function"])
     out = Path(payload["pte"]).parent / "arm64"
     assert (out / "kernels.md").is_file() and not (out / "qemu-in_asm.log").exists()
+
+
+def test_operator_outputs_show_where_two_runs_part(tiny_pte, tmp_path):
+    """Every operator's output of one forward (ETDump's debug buffer): the same run twice logs the same bits, another
+    token parts first at the embedding, and a tensor changed in one run is named at its own event."""
+    from runner.arm64_operators import differences, operator_outputs, run_forward_with_etdump
+
+    for name, ids in (("a", [5]), ("b", [5]), ("c", [6])):
+        run_forward_with_etdump(tiny_pte, ids, tmp_path / name)
+    a, b, c = (operator_outputs(tmp_path / name) for name in "abc")
+    names = {o.name for o in a}
+    assert "spinquant::hadamard_transform.out" in names and "DELEGATE_CALL" in names
+    assert differences(a, b) == []
+    assert differences(a, c)[0].name == "native_call_embedding_byte.out"
+
+    late = next(i for i, o in enumerate(b) if o.name == "spinquant::rms_norm.out" and i > len(b) // 2)
+    changed = b[late].tensors[0].clone()
+    changed.view(-1)[7] += 1e-6
+    b[late] = type(b[late])(b[late].index, b[late].name, (changed,))
+    (first,) = differences(a, b)
+    assert (first.index, first.name, first.elements) == (a[late].index, "spinquant::rms_norm.out", 1)
+
+
+def exact_rounding(x: float, m: float, ties_to_even: bool) -> int:
+    """x·m rounded to float32 as a CPU does, then to an integer, in exact rational arithmetic."""
+    from fractions import Fraction
+
+    product = Fraction(float(np.float32(float(Fraction(x) * Fraction(m)))))  # a product of two float32 is exact in float64
+    whole, rest = divmod(product, 1)
+    if rest != Fraction(1, 2):
+        return int(whole + (rest > Fraction(1, 2)))
+    return int(whole + (whole % 2 if ties_to_even else (1 if product > 0 else 0)))
+
+
+def row_where_the_multipliers_differ(size: int) -> torch.Tensor:
+    """A row in [-5, top] whose float32 multiplier m is not 1/(1/m), with a channel that x86's x·(1/(1/m)) puts on the
+    tie 21.5 (to even: 22) and arm64's x·m just below it (21)."""
+    for top in np.arange(5, 6, 0.001, dtype=np.float32):
+        row = np.zeros(size, np.float32)
+        row[0], row[1] = -5, top
+        m = quantization_multiplier(row)
+        m_x86 = np.float32(np.float32(1) / np.float32(np.float32(1) / m))
+        x0 = np.float32(21.5 / m)
+        for x in (np.float32(x0 + d * np.spacing(x0)) for d in range(-4, 5)):
+            if x * m_x86 == np.float32(21.5) and x * m < np.float32(21.5):
+                row[2] = x
+                return torch.from_numpy(row)
+    raise AssertionError("no such row in the range searched")
+
+
+def test_quantizer_disagreements_match_exact_rounding():
+    """The channels where XNNPACK's x86 quantizer (x · 1/(1/m), ties to even) and KleidiAI's (x · m, ties away
+    from zero) give different integers, against both roundings done in exact arithmetic."""
+    from runner.arm64_operators import quantizer_disagreements
+
+    rows = torch.randn(6, 96, generator=torch.Generator().manual_seed(0)) * 3
+    for r in range(0, 6, 2):  # ties planted on even rows: x·m exactly k + 1/2, positive and negative
+        m = quantization_multiplier(rows[r].numpy())
+        for channel, half in ((5, np.float32(20.5)), (40, np.float32(-33.5))):
+            x = next(np.float32((half + step) / m) for step in np.arange(0, 40, dtype=np.float32) if np.float32((half + step) / m) * m == half + step)
+            rows[r, channel] = float(x)
+    rows = torch.cat([rows, row_where_the_multipliers_differ(96)[None]])
+    expected = []
+    for row in rows.numpy():
+        m = quantization_multiplier(row)
+        m_x86 = np.float32(np.float32(1) / np.float32(np.float32(1) / m))
+        expected.append([c for c, x in enumerate(row) if exact_rounding(float(x), float(m_x86), True) != exact_rounding(float(x), float(m), False)])
+    found = quantizer_disagreements(rows)
+    assert found == expected
+    assert all(found[r] for r in range(0, 6, 2)) and not any(found[r] for r in range(1, 6, 2)) and found[6]
 
 
 class OurKernels(torch.nn.Module):

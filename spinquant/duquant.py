@@ -1,5 +1,5 @@
 """DuQuant's rotations (Lin et al., NeurIPS 2024), found from calibration activations without training, as R1 and R2:
-`python -m spinquant.duquant --output FILE`, then `--rotation FILE` in evaluation, export and learning.
+`python -m spinquant.duquant --output FILE`, then `--rotation FILE` in evaluation and export.
 
 Per activation: a greedy rotation in blocks (each step spreads the block's largest channel evenly over the block),
 a zigzag permutation (channels sorted by their largest value dealt back and forth across the blocks, so that each

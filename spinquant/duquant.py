@@ -6,8 +6,9 @@ a zigzag permutation (channels sorted by their largest value dealt back and fort
 block gets a share of the large ones), and a second greedy rotation. Block rotations with a permutation are
 orthogonal, so they fuse into the weights exactly as a learned R1 (the residual stream: every norm's output, gain
 left out, as R1 sees it) and R2 (each layer's attention output, per head) do. R4 stays the online Hadamard.
-Each greedy step is a Householder reflection taking the channel's axis to the block's uniform vector (DuQuant
-builds a rotation with the same effect); the steps kept are those up to the lowest peak, per block.
+Each greedy step turns the block by an orthogonal matrix whose row for the block's largest channel is uniform (Helmert's,
+as DuQuant's), and the steps kept are those up to the lowest peak, per block. Then SmoothQuant's scales (α, DuQuant's
+0.6) for each layer's four quantized inputs, in the basis the quantizer sees (spinquant/smoothing.py fuses them).
 """
 
 import argparse
@@ -16,12 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.data import calibration_text, read_text, text_sha256, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
-from spinquant.rotation import Rotations, head_dim
+from spinquant.rotation import Rotations, head_dim, smoothing_key
+from spinquant.smoothing import PARTS, LayerSmoothing, smoothing_scales
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class DuQuantConfig:
     windows: int = 8  # calibration windows of `seqlen` tokens
     seqlen: int = 256
     seed: int = 0  # which calibration windows
+    alpha: float | None = 0.6  # SmoothQuant's migration strength (DuQuant's 0.6); None: no smoothing
 
 
 def residual_block(hidden: int, block: int | None) -> int:
@@ -41,29 +45,36 @@ def residual_block(hidden: int, block: int | None) -> int:
     return block
 
 
+def helmert(n: int) -> torch.Tensor:
+    """Helmert's orthogonal matrix: row 0 uniform, row k the contrast of the first k entries against entry k."""
+    h = torch.zeros(n, n, dtype=torch.float64)
+    h[0] = n ** -0.5
+    for k in range(1, n):
+        h[k, :k] = (k * (k + 1)) ** -0.5
+        h[k, k] = -k * (k * (k + 1)) ** -0.5
+    return h
+
+
 def greedy_block_rotation(x: torch.Tensor, block: int, steps: int) -> torch.Tensor:
-    """Per block of `block` channels of the rows `x`, the product of reflections (block, block) that lowers the block's
-    largest |value| most within `steps` greedy steps: (blocks, block, block), float64, x_block @ R."""
+    """Per block of `block` channels of the rows `x`, the product of greedy steps (block, block) that lowers the block's
+    largest |value| most within `steps` steps: (blocks, block, block), float64, x_block @ R. A step turns the block by
+    Helmert's matrix with the chosen channel in row 0's place: that channel spreads evenly, the others mix."""
     blocks = x.shape[-1] // block
     xb = x.reshape(-1, blocks, block).transpose(0, 1).contiguous().float()  # (blocks, rows, block)
-    uniform = torch.full((block,), block ** -0.5, dtype=torch.float64)
+    base = helmert(block)
     rotation = torch.eye(block, dtype=torch.float64).repeat(blocks, 1, 1)
     best, best_peak = rotation.clone(), xb.abs().amax(dim=(1, 2))
-    previous = torch.full((blocks,), -1)
     for _ in range(steps):
+        swapped = torch.arange(block).repeat(blocks, 1)
         channel = xb.abs().amax(dim=1).argmax(dim=-1)
-        moving = channel != previous  # the same channel twice would undo the reflection: that block is done
-        if not moving.any():
-            break
-        w = -uniform.repeat(blocks, 1)
-        w[torch.arange(blocks), channel] += 1
-        coefficient = torch.where(moving, 2 / (w * w).sum(-1), 0.0)
-        xb -= (coefficient[:, None, None] * (xb.double() @ w[:, :, None]) * w[:, None, :]).float()
-        rotation -= coefficient[:, None, None] * (rotation @ w[:, :, None]) * w[:, None, :]
+        swapped[torch.arange(blocks), channel] = 0
+        swapped[:, 0] = channel
+        step = base[swapped[:, :, None], swapped[:, None, :]]  # rows and columns 0 and `channel` exchanged
+        xb = torch.bmm(xb, step.float())
+        rotation = torch.bmm(rotation, step)
         peak = xb.abs().amax(dim=(1, 2))
         better = peak < best_peak
         best[better], best_peak = rotation[better], torch.where(better, peak, best_peak)
-        previous = torch.where(moving, channel, previous)
     return best
 
 
@@ -91,31 +102,68 @@ def duquant_transform(x: torch.Tensor, block: int, steps: int) -> torch.Tensor:
     return first @ permutation @ second
 
 
+@dataclass
+class LayerActivations:
+    """One decoder layer's calibration activations: the rows R1 and R2 turn, and down_proj's input's channel maxima."""
+
+    attention: list[torch.Tensor]  # input_layernorm's input, normalized without its gain: (tokens, hidden) per window
+    mlp: list[torch.Tensor]  # post_attention_layernorm's, likewise
+    heads: list[torch.Tensor]  # o_proj's input: (tokens, heads · head_dim) per window
+    down_max: torch.Tensor | None = None  # (intermediate,)
+
+
 @torch.no_grad()
-def calibration_activations(model: LlamaForCausalLM, windows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """What R1 and R2 turn: every norm's input, normalized without its gain (rows of the hidden size), and each layer's
-    attention output per head (rows of the head size)."""
-    residual, heads, hooks = [], [[] for _ in model.model.layers], []
+def calibration_activations(model: LlamaForCausalLM, windows: torch.Tensor) -> tuple[list[LayerActivations], torch.Tensor]:
+    """Each layer's activations on `windows`, and the final norm's normalized input (lm_head reads R1's basis too)."""
+    layers, final, hooks = [LayerActivations([], [], []) for _ in model.model.layers], [], []
     eps = model.config.rms_norm_eps
-    head = head_dim(model.config)
 
-    def keep_normalized(_module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        residual.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    def normalized(into):
+        def keep(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            into.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+        return keep
 
-    for i, layer in enumerate(model.model.layers):
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            hooks.append(norm.register_forward_pre_hook(keep_normalized))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda _m, args, i=i: heads[i].append(args[0].reshape(-1, head).float())))
-    hooks.append(model.model.norm.register_forward_pre_hook(keep_normalized))
+    def down_max(acts):
+        def keep(_module, args):
+            m = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            acts.down_max = m if acts.down_max is None else torch.maximum(acts.down_max, m)
+        return keep
+
+    for layer, acts in zip(model.model.layers, layers):
+        hooks += [layer.input_layernorm.register_forward_pre_hook(normalized(acts.attention)),
+                  layer.post_attention_layernorm.register_forward_pre_hook(normalized(acts.mlp)),
+                  layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, args, a=acts: a.heads.append(args[0].flatten(0, 1).float())),
+                  layer.mlp.down_proj.register_forward_pre_hook(down_max(acts))]
+    hooks.append(model.model.norm.register_forward_pre_hook(normalized(final)))
     try:
         for window in windows:
             model(window[None])
     finally:
         for hook in hooks:
             hook.remove()
-    return torch.cat(residual), [torch.cat(h) for h in heads]
+    return layers, torch.cat(final)
+
+
+def layer_smoothing(layer: nn.Module, acts: LayerActivations, r1: torch.Tensor, r2: torch.Tensor, head: int, alpha: float) -> LayerSmoothing:
+    """The layer's four smoothing scales, from its activations and weights in the basis the quantizer sees: after R1
+    (norm gains folded into the readers) and R2 (per head), before R4."""
+    def readers_max(norm: nn.Module, names: tuple[str, ...]) -> torch.Tensor:
+        w = torch.cat([layer.get_submodule(n).weight.double() for n in names]) * norm.weight.double()
+        return (w @ r1).abs().amax(0)
+
+    heads = torch.cat(acts.heads).double()
+    kv = layer.self_attn.v_proj.weight.shape[0] // head
+    turned = (heads.unflatten(-1, (-1, head)) @ r2).unflatten(1, (kv, -1))  # (tokens, kv, groups, head)
+    wo = (layer.self_attn.o_proj.weight.double().unflatten(1, (-1, head)) @ r2).unflatten(1, (kv, -1))  # (out, kv, groups, head)
+    return LayerSmoothing(
+        attention=smoothing_scales((torch.cat(acts.attention).double() @ r1).abs().amax(0),
+                                   readers_max(layer.input_layernorm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), alpha),
+        mlp=smoothing_scales((torch.cat(acts.mlp).double() @ r1).abs().amax(0),
+                             readers_max(layer.post_attention_layernorm, ("mlp.gate_proj", "mlp.up_proj")), alpha),
+        values=smoothing_scales(turned.abs().amax(dim=(0, 2)).flatten(), wo.abs().amax(dim=(0, 2)).flatten(), alpha),
+        down=smoothing_scales(acts.down_max, layer.mlp.down_proj.weight.double().abs().amax(0), alpha),
+    )
 
 
 def calibration_windows(tokenizer: PreTrainedTokenizerBase, text: str, config: DuQuantConfig) -> torch.Tensor:
@@ -128,17 +176,25 @@ def calibration_windows(tokenizer: PreTrainedTokenizerBase, text: str, config: D
 
 
 def duquant_rotations(model: LlamaForCausalLM, windows: torch.Tensor, config: DuQuantConfig) -> Rotations:
-    """R1 from the residual stream and each layer's R2 from its attention heads, on the token `windows`."""
-    residual, heads = calibration_activations(model, windows)
+    """R1 from the residual stream, each layer's R2 from its attention heads, and (α set) the smoothing scales, on `windows`."""
+    layers, final = calibration_activations(model, windows)
+    head = head_dim(model.config)
+    residual = torch.cat([x for acts in layers for x in (*acts.attention, *acts.mlp)] + [final])
     r1 = duquant_transform(residual, residual_block(model.config.hidden_size, config.block), config.steps)
-    return Rotations(r1=r1, r2=[duquant_transform(h, h.shape[-1], config.steps) for h in heads], r4=True)
+    r2 = [duquant_transform(torch.cat(acts.heads).reshape(-1, head), head, config.steps) for acts in layers]
+    smoothing = None if config.alpha is None else [
+        layer_smoothing(layer, acts, r1, r, head, config.alpha) for layer, acts, r in zip(model.model.layers, layers, r2)]
+    return Rotations(r1=r1, r2=r2, r4=True, smoothing=smoothing)
 
 
 def save_rotations(path: Path, rotations: Rotations, record: dict) -> None:
-    """SpinQuant's layout (R1, model.layers.{i}.self_attn.R2), what `--rotation FILE` reads, and its record beside it."""
+    """SpinQuant's layout (R1, model.layers.{i}.self_attn.R2) and the smoothing scales, what `--rotation FILE` reads, and
+    its record beside it."""
     import io
 
     state = {"R1": rotations.r1.float(), **{f"model.layers.{i}.self_attn.R2": r.float() for i, r in enumerate(rotations.r2)}}
+    for i, layer in enumerate(rotations.smoothing or []):
+        state.update({smoothing_key(i, part): getattr(layer, part).float() for part in PARTS})
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_atomic(path, buffer.getvalue())
@@ -154,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, default in (("steps", DuQuantConfig.steps), ("windows", DuQuantConfig.windows), ("seqlen", DuQuantConfig.seqlen),
                           ("seed", DuQuantConfig.seed)):
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--alpha", type=float, default=DuQuantConfig.alpha, help="smoothing's migration strength (DuQuant's 0.6)")
+    p.add_argument("--no-smoothing", action="store_true", help="rotations only")
     return p.parse_args(argv)
 
 
@@ -165,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--output {args.output}: name the rotation file .pt")
     if args.steps < 1 or args.windows < 1 or args.seqlen < 2:
         raise UserError("--steps and --windows must be at least 1, --seqlen at least 2")
-    config = DuQuantConfig(args.block, args.steps, args.windows, args.seqlen, args.seed)
+    if not 0 <= args.alpha <= 1:
+        raise UserError(f"--alpha {args.alpha}: a migration strength between 0 and 1")
+    config = DuQuantConfig(args.block, args.steps, args.windows, args.seqlen, args.seed, None if args.no_smoothing else args.alpha)
     loaded = load_model(args.model, torch.float32)
     residual_block(loaded.model.config.hidden_size, config.block)  # a bad block fails before the search
     text = read_text(args.calib_text)

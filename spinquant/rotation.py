@@ -19,6 +19,7 @@ from spinquant import hadamard, hadamard_op  # noqa: F401  (hadamard_op register
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
 from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, R1_READERS, R1_WRITERS, layer_linears, value_rows
+from spinquant.smoothing import PARTS, LayerSmoothing, fuse_smoothing
 from spinquant.torch_files import describe_type, load_torch_file
 
 PRESETS = ("none", "r4", "hadamard", "orthogonal")
@@ -32,6 +33,7 @@ class Rotations:
     r2: list[torch.Tensor] | None = None  # one head_dim × head_dim per layer
     r4: bool = False
     r3: bool = False
+    smoothing: list[LayerSmoothing] | None = None  # one per layer (spinquant/smoothing.py), fused after R1/R2, before R4
 
     @property
     def folds_norms(self) -> bool:
@@ -89,7 +91,21 @@ def load_rotation_file(path: Path, config: LlamaConfig, r3: bool = False) -> Rot
         _checked_rotation(state, f"model.layers.{i}.self_attn.R2", head, path)
         for i in range(config.num_hidden_layers)
     ]
-    return Rotations(r1=r1, r2=r2, r4=True, r3=r3)
+    return Rotations(r1=r1, r2=r2, r4=True, r3=r3, smoothing=load_smoothing(state, config.num_hidden_layers, path))
+
+
+def smoothing_key(layer: int, part: str) -> str:
+    return f"model.layers.{layer}.smoothing.{part}"
+
+
+def load_smoothing(state: dict, layers: int, path: Path) -> list[LayerSmoothing] | None:
+    """A rotation file's smoothing scales (spinquant.duquant writes them), when it has them."""
+    if smoothing_key(0, PARTS[0]) not in state:
+        return None
+    missing = [smoothing_key(i, part) for i in range(layers) for part in PARTS if smoothing_key(i, part) not in state]
+    if missing:
+        raise UserError(f"rotation file {path}: smoothing scales without '{missing[0]}': {ROTATION_REMEDY}")
+    return [LayerSmoothing(**{part: state[smoothing_key(i, part)].to(torch.float64) for part in PARTS}) for i in range(layers)]
 
 
 ROTATION_REMEDY = "learn one for this model with python -m spinquant.optimize"
@@ -289,6 +305,8 @@ def rotate_layer(layer: nn.Module, rot: Rotations, index: int, head_dim: int) ->
     if rot.folds_norms:
         fuse_layer_rmsnorms(layer)
     fuse_r1_r2(layer, rot.r1, rot.r2[index] if rot.r2 is not None else None, head_dim)
+    if rot.smoothing is not None:
+        fuse_smoothing(layer, rot.smoothing[index], head_dim)
     if rot.r4:
         fuse_r4(layer.mlp)
     layer.self_attn.online_r3 = rot.r3

@@ -63,9 +63,20 @@ def test_duquant_rotations_keep_the_model_exact_in_float64():
     rotations = duquant_rotations(model, windows, DuQuantConfig(block=32, steps=32))
     assert rotations.r1.shape == (96, 96) and len(rotations.r2) == 2 and rotations.r2[0].shape == (16, 16)
     assert not torch.allclose(rotations.r1, torch.eye(96, dtype=torch.float64))
+    assert rotations.smoothing is not None and rotations.smoothing[1].values.shape == (2 * 16,)
     apply_rotations(model, rotations)
+    assert not torch.allclose(model.model.layers[0].input_layernorm.weight, torch.ones(96, dtype=torch.float64))  # 1/s, not 1
     with torch.no_grad():
         assert (model(ids).logits - reference).abs().max() < 1e-6
+
+
+def test_smoothing_scales_are_smoothquants():
+    from spinquant.smoothing import smoothing_scales
+
+    a, w = torch.tensor([8.0, 1.0, 0.0, 2.0]), torch.tensor([2.0, 4.0, 1.0, 0.0])
+    s = smoothing_scales(a, w, 0.6)
+    assert torch.allclose(s[:2], torch.tensor([8 ** 0.6 / 2 ** 0.4, 1 / 4 ** 0.4], dtype=torch.float64), rtol=1e-15)
+    assert s[2:].tolist() == [1.0, 1.0]  # a channel never seen, or never read, is left alone
 
 
 def test_default_block_divides_the_hidden_size_and_a_bad_one_is_refused():
@@ -94,7 +105,12 @@ def test_cli_writes_a_rotation_file_that_loads(tiny_hf_dir, tmp_path):
     from transformers import AutoConfig
 
     rotations = load_rotation_file(out, AutoConfig.from_pretrained(tiny_hf_dir))
-    assert rotations.r1.shape == (64, 64)
+    assert rotations.r1.shape == (64, 64) and rotations.smoothing[0].down.shape == (128,)
+    state = torch.load(out)
+    del state["model.layers.1.smoothing.down"]
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="smoothing scales without 'model.layers.1.smoothing.down'"):
+        load_rotation_file(tmp_path / "partial.pt", AutoConfig.from_pretrained(tiny_hf_dir))
     assert '"method": "duquant"' in out.with_suffix(".json").read_text()
 
     bad = subprocess.run([*run[:-2], "--block", "48", "--output", str(tmp_path / "b.pt")], capture_output=True, text=True, cwd=ROOT)

@@ -12,6 +12,7 @@ as DuQuant's), and the steps kept are those up to the lowest peak, per block. Th
 """
 
 import argparse
+import io
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from spinquant.data import calibration_text, read_text, text_sha256, token_windo
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.rotation import Rotations, head_dim, smoothing_key
-from spinquant.smoothing import PARTS, LayerSmoothing, smoothing_scales
+from spinquant.smoothing import ATTENTION_READERS, MLP_READERS, PARTS, LayerSmoothing, check_separate_projections, smoothing_scales
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,9 @@ def layer_smoothing(layer: nn.Module, acts: LayerActivations, r1: torch.Tensor, 
     wo = (layer.self_attn.o_proj.weight.double().unflatten(1, (-1, head)) @ r2).unflatten(1, (kv, -1))  # (out, kv, groups, head)
     return LayerSmoothing(
         attention=smoothing_scales((torch.cat(acts.attention).double() @ r1).abs().amax(0),
-                                   readers_max(layer.input_layernorm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), alpha),
+                                   readers_max(layer.input_layernorm, ATTENTION_READERS), alpha),
         mlp=smoothing_scales((torch.cat(acts.mlp).double() @ r1).abs().amax(0),
-                             readers_max(layer.post_attention_layernorm, ("mlp.gate_proj", "mlp.up_proj")), alpha),
+                             readers_max(layer.post_attention_layernorm, MLP_READERS), alpha),
         values=smoothing_scales(turned.abs().amax(dim=(0, 2)).flatten(), wo.abs().amax(dim=(0, 2)).flatten(), alpha),
         down=smoothing_scales(acts.down_max, layer.mlp.down_proj.weight.double().abs().amax(0), alpha),
     )
@@ -177,6 +178,8 @@ def calibration_windows(tokenizer: PreTrainedTokenizerBase, text: str, config: D
 
 def duquant_rotations(model: LlamaForCausalLM, windows: torch.Tensor, config: DuQuantConfig) -> Rotations:
     """R1 from the residual stream, each layer's R2 from its attention heads, and (α set) the smoothing scales, on `windows`."""
+    if config.alpha is not None:
+        check_separate_projections(model.model.layers[0])
     layers, final = calibration_activations(model, windows)
     head = head_dim(model.config)
     residual = torch.cat([x for acts in layers for x in (*acts.attention, *acts.mlp)] + [final])
@@ -190,8 +193,6 @@ def duquant_rotations(model: LlamaForCausalLM, windows: torch.Tensor, config: Du
 def save_rotations(path: Path, rotations: Rotations, record: dict) -> None:
     """SpinQuant's layout (R1, model.layers.{i}.self_attn.R2) and the smoothing scales, what `--rotation FILE` reads, and
     its record beside it."""
-    import io
-
     state = {"R1": rotations.r1.float(), **{f"model.layers.{i}.self_attn.R2": r.float() for i, r in enumerate(rotations.r2)}}
     for i, layer in enumerate(rotations.smoothing or []):
         state.update({smoothing_key(i, part): getattr(layer, part).float() for part in PARTS})

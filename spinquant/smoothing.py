@@ -38,11 +38,19 @@ def _scale(param: torch.Tensor, factor: torch.Tensor) -> None:
     param.data = (param.data.double() * factor).to(param.dtype)
 
 
+ATTENTION_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
+
+
+def check_separate_projections(layer: nn.Module) -> None:
+    if len(layer_linears(layer, ATTENTION_READERS)) < 3 or len(layer_linears(layer, MLP_READERS)) < 2:
+        raise UserError("smoothing needs separate q/k/v and gate/up projections, and this model family fuses them: use --no-smoothing")
+
+
 def fuse_smoothing(layer: nn.Module, smoothing: LayerSmoothing, head_dim: int) -> None:
     """Divide each of the layer's four quantized inputs by its s, and multiply its readers' columns by s: exact."""
-    attention, mlp = layer_linears(layer, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")), layer_linears(layer, ("mlp.gate_proj", "mlp.up_proj"))
-    if len(attention) < 3 or len(mlp) < 2:
-        raise UserError("smoothing needs separate q/k/v and gate/up projections; this family fuses them")
+    check_separate_projections(layer)
+    attention, mlp = layer_linears(layer, ATTENTION_READERS), layer_linears(layer, MLP_READERS)
     for norm, readers, s in ((layer.input_layernorm, attention, smoothing.attention), (layer.post_attention_layernorm, mlp, smoothing.mlp)):
         _scale(norm.weight, 1 / s)
         for linear in readers.values():

@@ -70,6 +70,29 @@ def test_duquant_rotations_keep_the_model_exact_in_float64():
         assert (model(ids).logits - reference).abs().max() < 1e-6
 
 
+def test_other_families_stay_exact_and_fused_projections_refuse_smoothing():
+    """Qwen2's q/k/v biases are smoothed with their rows; Phi-3 fuses q/k/v and gate/up, so only the rotations apply."""
+    from transformers import Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from spinquant.models import randomize_norm_gains
+
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                 num_hidden_layers=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    qwen = randomize_norm_gains(Qwen2ForCausalLM(Qwen2Config(**shape)).double().eval())
+    with torch.no_grad():
+        qwen.model.layers[0].self_attn.v_proj.bias.normal_()
+        ids, windows = torch.randint(0, 128, (1, 20)), torch.randint(0, 128, (2, 24))
+        reference = qwen(ids).logits
+        apply_rotations(qwen, duquant_rotations(qwen, windows, DuQuantConfig(block=32, steps=16)))
+        assert (qwen(ids).logits - reference).abs().max() < 1e-6
+
+    phi = Phi3ForCausalLM(Phi3Config(pad_token_id=0, **shape)).double().eval()
+    with pytest.raises(UserError, match="this model family fuses them: use --no-smoothing"):
+        duquant_rotations(phi, windows, DuQuantConfig(block=32, steps=16))
+    assert duquant_rotations(phi, windows, DuQuantConfig(block=32, steps=16, alpha=None)).smoothing is None
+
+
 def test_smoothing_scales_are_smoothquants():
     from spinquant.smoothing import smoothing_scales
 

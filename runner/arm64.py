@@ -126,7 +126,7 @@ def compare(decode: Decode, out_dir: Path, threads: int = 1, cpu: str = DEFAULT_
 def compare_operators(pte: Path, ids: list[int], out_dir: Path, cpu: str = DEFAULT_CPU) -> str:
     """One forward of `ids` on both machines with every operator's output logged (runner/arm64_operators.py); the
     outputs that differ, in execution order, written to operators.md and returned."""
-    from runner.arm64_operators import differences, first_delegate_input, markdown, operator_outputs, quantizer_disagreements
+    from runner.arm64_operators import differences, first_delegate_input, markdown, operator_outputs
 
     env = prepare()
     runs = {"x86": out_dir / "operators-x86", "arm64": out_dir / "operators-arm64"}
@@ -136,8 +136,7 @@ def compare_operators(pte: Path, ids: list[int], out_dir: Path, cpu: str = DEFAU
     run_record(env.command([*guest, str(runs["arm64"].resolve())], cpu=cpu), "arm64")
     x86 = operator_outputs(runs["x86"])
     diffs = differences(x86, operator_outputs(runs["arm64"]))
-    rows = first_delegate_input(x86, diffs)
-    report = markdown(diffs, None if rows is None else quantizer_disagreements(rows), rows)
+    report = markdown(diffs, first_delegate_input(x86, diffs))
     write_atomic(out_dir / "operators.md", (report + "\n").encode())
     return report
 
@@ -178,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.pte.is_file():
         raise UserError(f"program not found: {args.pte}")
-    if args.command == "operators":
-        print(compare_operators(args.pte, prompt_ids(args), args.out_dir or args.pte.parent / "arm64", args.cpu))
-        return 0
-    decode = Decode(args.pte, prompt_ids(args), args.max_new_tokens, args.ignore_eos)
     if args.command == "run":
-        run_arm64(prepare(), decode, args.out, args.threads, args.cpu)
+        run_arm64(prepare(), Decode(args.pte, prompt_ids(args), args.max_new_tokens, args.ignore_eos), args.out, args.threads, args.cpu)
         return 0
     out_dir = args.out_dir or args.pte.parent / "arm64"
+    if args.command == "operators":
+        print(compare_operators(args.pte, prompt_ids(args), out_dir, args.cpu))
+        return 0
+    decode = Decode(args.pte, prompt_ids(args), args.max_new_tokens, args.ignore_eos)
     from runner.record_diff import RecordDiff, markdown
 
     payload = compare(decode, out_dir, args.threads, args.cpu, trace=args.kernels)

@@ -112,7 +112,9 @@ def first_delegate_input(x86: list[OperatorOutput], diffs: list[Difference]) -> 
     return next(o for o in x86 if o.index == first.index).tensors[0]
 
 
-def markdown(diffs: list[Difference], disagreements: list[list[int]] | None, rows: torch.Tensor | None, limit: int = 12) -> str:
+def markdown(diffs: list[Difference], rows: torch.Tensor | None, limit: int = 12) -> str:
+    """The first `limit` differences as a table; with `rows`, the first differing XNNPACK call's input, the channels
+    its two quantizers round apart."""
     if not diffs:
         return "Every logged operator output is the same bits on both machines."
     lines = ["| event | operator | output | shape | max \\|Δ\\| | elements differing |", "|---|---|---|---|---|---|"]
@@ -120,10 +122,10 @@ def markdown(diffs: list[Difference], disagreements: list[list[int]] | None, row
         lines.append(f"| {d.index} | `{d.name}` | {d.output} | {'×'.join(map(str, d.shape))} | "
                      f"{d.max_abs:.3g} | {d.elements} of {d.of} |")
     lines.append(f"\n{len(diffs)} logged tensors differ in all.")
-    if disagreements is not None and rows is not None:
+    if rows is not None:
         flat = rows.reshape(-1, rows.shape[-1]).float().numpy()
         named = [f"row {r}, channel {c}: x·m = {flat[r, c] * quantization_multiplier(flat[r]):g}"
-                 for r, channels in enumerate(disagreements) for c in channels]
+                 for r, channels in enumerate(quantizer_disagreements(rows)) for c in channels]
         lines.append("\nThe first XNNPACK call that differs has the same input on both machines; the channels its two "
                      f"quantizers round apart: {'; '.join(named) or 'none'}.")
     return "\n".join(lines)

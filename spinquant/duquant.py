@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--alpha {args.alpha}: a migration strength between 0 and 1")
     config = DuQuantConfig(args.block, args.steps, args.windows, args.seqlen, args.seed, None if args.no_smoothing else args.alpha)
     loaded = load_model(args.model, torch.float32)
-    residual_block(loaded.model.config.hidden_size, config.block)  # a bad block fails before the search
+    r1_block = residual_block(loaded.model.config.hidden_size, config.block)  # a bad block fails before the search
     text = read_text(args.calib_text)
     rotations = duquant_rotations(loaded.model, calibration_windows(loaded.tokenizer, text, config), config)
-    record = dict(method="duquant", model=args.model, **asdict(config), r1_block=residual_block(loaded.model.config.hidden_size, config.block),
+    record = dict(method="duquant", model=args.model, **asdict(config), r1_block=r1_block,
                   calibration=str(args.calib_text), calibration_sha256=text_sha256(text))
     save_rotations(args.output, rotations, record)
     print(f"spinquant.duquant: wrote {args.output}")

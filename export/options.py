@@ -25,7 +25,7 @@ BROKEN_LINEAR_SCHEMES = ("4w", "8w")
 @dataclass
 class ExportOptions:
     model: str = "smollm2-135m"
-    rotation: str = ""  # empty: default_rotation(model); "learn": learned now for this model (spinquant/rotation_cache.py)
+    rotation: str = ""  # empty: default_rotation(model); "learn"/"duquant": computed now for this model (spinquant/rotation_cache.py)
     qlinear: str = "8da4w"
     group_size: int = 32
     qembedding: str = "8w"
@@ -45,7 +45,7 @@ class ExportOptions:
     # perplexity in 2.2 times the time (results/gptq_calibration.md)
     gptq_windows: int = 8
     gptq_seqlen: int = 1024
-    calib_text: Path | None = None  # --gptq's and --rotation learn's calibration text; None: the packaged one
+    calib_text: Path | None = None  # --gptq's and --rotation learn's or duquant's calibration text; None: the packaged one
     learn_iters: int = 100  # --rotation learn: Cayley SGD iterations (SpinQuant's 100)
     resume: bool = False  # --rotation learn: continue an interrupted run from its checkpoint
 

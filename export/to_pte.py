@@ -29,7 +29,10 @@ from spinquant.files import write_json_atomic
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
 from spinquant.quiet import add_verbose_flag
-from spinquant.rotation_cache import learned_rotation
+from spinquant.rotation_cache import duquant_rotation, learned_rotation
+
+# Rotations computed for the model during the export (spinquant/rotation_cache.py), by the stage that computes them.
+COMPUTED_ROTATIONS = {"learn": "learn rotations", "duquant": "DuQuant's rotations"}
 
 
 def parse_args(argv: list[str] | None) -> ExportOptions:
@@ -37,8 +40,9 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     d = ExportOptions()
     p.add_argument("--config", type=Path, help="YAML file whose keys mirror these flags (flags win)")
     p.add_argument("--model", help=f"built-in name, .gguf file or HF directory (default {d.model})")
-    p.add_argument("--rotation", help="none | r4 | hadamard | orthogonal | learn | rotation file (default: the learned rotation committed for a "
-                   "built-in model, else r4); learn: learn R1/R2 for this model and quantization now (a GPU when there is one), kept beside the model")
+    p.add_argument("--rotation", help="none | r4 | hadamard | orthogonal | learn | duquant | rotation file (default: the learned rotation "
+                   "committed for a built-in model, else r4); learn: learn R1/R2 for this model and quantization now (a GPU when there is one); "
+                   "duquant: DuQuant's rotations and smoothing, searched now on the calibration text; both kept beside the model")
     p.add_argument("--learn-iters", type=int, help=f"--rotation learn: iterations (default {d.learn_iters}, SpinQuant's)")
     p.add_argument("--resume", action="store_const", const=True, help="--rotation learn: continue an interrupted run from its checkpoint")
     p.add_argument("--qlinear", help=f"{' | '.join(QLINEAR)} (default {d.qlinear})")
@@ -61,7 +65,7 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq [--quantize-lm-head for the 8da4w lm_head] --gptq-output FILE)")
     p.add_argument("--gptq-windows", type=int, help=f"GPTQ's calibration windows (default {d.gptq_windows})")
     p.add_argument("--gptq-seqlen", type=int, help=f"tokens per GPTQ calibration window, at most --max-seq-len (default {d.gptq_seqlen})")
-    p.add_argument("--calib-text", type=Path, help="calibration text for --gptq and --rotation learn (default: the packaged WikiText-2 calib.txt)")
+    p.add_argument("--calib-text", type=Path, help="calibration text for --gptq and --rotation learn/duquant (default: the packaged WikiText-2 calib.txt)")
     p.add_argument("--full-logits", action="store_const", const=True,
                    help="forward returns every position's logits, as perplexity and runner.compare need (default: the last "
                         "position's only, what a runner samples from, without a T × vocab logits buffer in the program's memory)")
@@ -125,8 +129,8 @@ def run(opts: ExportOptions) -> dict:
     out = opts.output_dir
     if out.exists() and not out.is_dir():
         raise UserError(f"--output-dir {out} is a file; give a directory (it is created if missing)")
-    learning = opts.rotation == "learn"
-    stage = Stages(("load",) + (("learn rotations",) if learning else ()) + ("rotate and quantize",) + (("eager reference",) if opts.verify else ())
+    computed = COMPUTED_ROTATIONS.get(opts.rotation)
+    stage = Stages(("load",) + ((computed,) if computed else ()) + ("rotate and quantize",) + (("eager reference",) if opts.verify else ())
                    + ("torch.export", "delegate linears to XNNPACK", "emit program") + (("verify",) if opts.verify else ()))
     program, model_facts, reference, tokenizer = exported_model(opts, stage)
     with stage("delegate linears to XNNPACK"):
@@ -173,12 +177,13 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
         loaded = load_model(opts.model, None)
         model = loaded.model.requires_grad_(False)
         check_model_fits(model, opts)
-    learning = opts.rotation == "learn"
-    if learning:
-        with stage("learn rotations"):  # on a float32 copy of its own, which learning folds and wraps
-            # The report records the file (what runner.compare reads), not "learn".
-            opts.rotation = str(learned_rotation(opts.model, loaded.tokenizer, opts.learning_recipe(), opts.calib_text or calibration_text(),
-                                                 opts.max_seq_len, opts.learn_iters, opts.resume, opts.seed))
+    learning, computed = opts.rotation == "learn", COMPUTED_ROTATIONS.get(opts.rotation)
+    if computed:
+        with stage(computed):  # each on a float32 copy of the model of its own (learning folds and wraps it)
+            # The report records the file (what runner.compare reads), not "learn" or "duquant".
+            calib_text = opts.calib_text or calibration_text()
+            opts.rotation = str(learned_rotation(opts.model, loaded.tokenizer, opts.learning_recipe(), calib_text, opts.max_seq_len,
+                                                 opts.learn_iters, opts.resume, opts.seed) if learning else duquant_rotation(opts.model, calib_text))
     with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently
         prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
                 calib_text=opts.calib_text, seed=opts.seed)
@@ -189,7 +194,7 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
             reference = eager_reference(model, prompt, opts.max_seq_len, longest_call(opts.max_seq_len, opts.prefill_chunk))
     done = model.spinquant
     model_facts = dict(
-        rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning), gptq=done.gptq.describe() if done.gptq else None,
+        rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning, from_rotation_duquant=bool(computed) and not learning), gptq=done.gptq.describe() if done.gptq else None,
         metadata=metadata(model, loaded.tokenizer, opts.max_seq_len, opts.prefill_chunk), parts=program_parts(model),
     )
     with stage("torch.export"):

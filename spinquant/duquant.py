@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.data import calibration_text, read_text, text_sha256, token_windows
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
+from spinquant.models import load_model
 from spinquant.rotation import Rotations, head_dim, smoothing_key
 from spinquant.smoothing import ATTENTION_READERS, MLP_READERS, PARTS, LayerSmoothing, check_separate_projections, smoothing_scales
 
@@ -182,9 +184,14 @@ def duquant_rotations(model: LlamaForCausalLM, windows: torch.Tensor, config: Du
         check_separate_projections(model.model.layers[0])
     layers, final = calibration_activations(model, windows)
     head = head_dim(model.config)
-    residual = torch.cat([x for acts in layers for x in (*acts.attention, *acts.mlp)] + [final])
-    r1 = duquant_transform(residual, residual_block(model.config.hidden_size, config.block), config.steps)
-    r2 = [duquant_transform(torch.cat(acts.heads).reshape(-1, head), head, config.steps) for acts in layers]
+    with tqdm(total=1 + len(layers), desc="DuQuant's search", unit="rotation", disable=None) as bar:
+        residual = torch.cat([x for acts in layers for x in (*acts.attention, *acts.mlp)] + [final])
+        r1 = duquant_transform(residual, residual_block(model.config.hidden_size, config.block), config.steps)
+        bar.update()
+        r2 = []
+        for acts in layers:
+            r2.append(duquant_transform(torch.cat(acts.heads).reshape(-1, head), head, config.steps))
+            bar.update()
     smoothing = None if config.alpha is None else [
         layer_smoothing(layer, acts, r1, r, head, config.alpha) for layer, acts, r in zip(model.model.layers, layers, r2)]
     return Rotations(r1=r1, r2=r2, r4=True, smoothing=smoothing)
@@ -216,9 +223,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from spinquant.models import load_model
+def write_duquant_file(source: str, calib_text: Path, config: DuQuantConfig, output: Path) -> dict:
+    """DuQuant's rotations (and scales) for the model `source`, searched on `calib_text`, written to `output`; its record."""
+    loaded = load_model(source, torch.float32)
+    r1_block = residual_block(loaded.model.config.hidden_size, config.block)  # a bad block fails before the search
+    text = read_text(calib_text)
+    rotations = duquant_rotations(loaded.model, calibration_windows(loaded.tokenizer, text, config), config)
+    record = dict(method="duquant", model=source, **asdict(config), r1_block=r1_block,
+                  calibration=str(calib_text), calibration_sha256=text_sha256(text))
+    save_rotations(output, rotations, record)
+    return record
 
+
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.output.suffix != ".pt":
         raise UserError(f"--output {args.output}: name the rotation file .pt")
@@ -227,13 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= args.alpha <= 1:
         raise UserError(f"--alpha {args.alpha}: a migration strength between 0 and 1")
     config = DuQuantConfig(args.block, args.steps, args.windows, args.seqlen, args.seed, None if args.no_smoothing else args.alpha)
-    loaded = load_model(args.model, torch.float32)
-    r1_block = residual_block(loaded.model.config.hidden_size, config.block)  # a bad block fails before the search
-    text = read_text(args.calib_text)
-    rotations = duquant_rotations(loaded.model, calibration_windows(loaded.tokenizer, text, config), config)
-    record = dict(method="duquant", model=args.model, **asdict(config), r1_block=r1_block,
-                  calibration=str(args.calib_text), calibration_sha256=text_sha256(text))
-    save_rotations(args.output, rotations, record)
+    record = write_duquant_file(args.model, args.calib_text, config, args.output)
     print(f"spinquant.duquant: wrote {args.output}")
     return record
 

@@ -24,6 +24,7 @@ from spinquant.pipeline import prepare
 from spinquant.quant import SETTINGS, QuantConfig, setting
 from spinquant.quiet import add_verbose_flag
 from spinquant.rotation import PRESETS
+from spinquant.rotation_cache import duquant_rotation
 
 
 def quantized_model(
@@ -78,15 +79,17 @@ def refuse_calibration_text(text: Path, text_hash: str, hashes: dict[str, str]) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m spinquant.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m", help="built-in name, .gguf file or HF directory")
-    p.add_argument("--rotation", default="none", help="none | r4 | hadamard | orthogonal | rotation file")
+    p.add_argument("--rotation", default="none", help="none | r4 | hadamard | orthogonal | duquant (DuQuant's, searched on "
+                   "--calib-text, cached beside the model) | rotation file")
     p.add_argument("--quant", default="fp", help=f"named setting: {', '.join(SETTINGS)}")
     p.add_argument("--w-bits", type=int)
     p.add_argument("--w-group", type=int, help="0 = per output channel")
     p.add_argument("--w-asym", action="store_true")
     p.add_argument("--w-clip-search", action="store_true", help="per-group MSE search of the clip ratio")
+    p.add_argument("--w-clip", type=float, help="a fixed clip ratio of each weight group's range (DuQuant's --swc 0.8)")
     p.add_argument("--a-bits", type=int)
     p.add_argument("--a-sym", action="store_true")
-    p.add_argument("--a-clip", type=float)
+    p.add_argument("--a-clip", type=float, help="clip ratio of each token's range (DuQuant's --lac 0.9)")
     p.add_argument("--k-bits", type=int)
     p.add_argument("--v-bits", type=int)
     p.add_argument("--kv-group", type=int, help="0 = one scale per head")
@@ -106,7 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gptq-clip-search", action=argparse.BooleanOptionalAction, default=GPTQConfig.clip_search,
                    help="GPTQ's group scales by per-group MSE clip search (--w-clip-search is round-to-nearest's)")
     p.add_argument("--gptq-scale-dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 = the export's 8da4w scales")
-    p.add_argument("--calib-text", type=Path, default=calibration_text(), help="GPTQ's calibration text (never the evaluation text)")
+    p.add_argument("--calib-text", type=Path, default=calibration_text(),
+                   help="GPTQ's and --rotation duquant's calibration text (never the evaluation text)")
     p.add_argument("--gptq-output", type=Path, help="save GPTQ's integers and scales here (for export.to_pte --gptq-file)")
     p.add_argument("--output", type=Path, help="JSON file for the result")
     add_verbose_flag(p)
@@ -122,8 +126,8 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
         raise UserError("--w-gptq computes symmetric scales (torchao's 8da4w); drop --w-asym")
     if args.gptq_windows < 1 or (args.gptq_seqlen is not None and args.gptq_seqlen < 2):
         raise UserError("--gptq-windows must be at least 1 and --gptq-seqlen at least 2")
-    if qc.w_clip_search:
-        raise UserError("--w-clip-search is round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
+    if qc.w_clip_search or qc.w_clip != 1:
+        raise UserError("--w-clip-search and --w-clip are round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
     config = GPTQConfig(
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.gptq_seqlen or args.seqlen, scale_dtype=args.gptq_scale_dtype,
@@ -136,9 +140,14 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
     values = dict(
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_clip=args.a_clip,
         k_bits=args.k_bits, v_bits=args.v_bits, kv_group=args.kv_group, r3=False if args.no_r3 else None,
-        w_sym=False if args.w_asym else None, w_clip_search=args.w_clip_search or None,
+        w_sym=False if args.w_asym else None, w_clip_search=args.w_clip_search or None, w_clip=args.w_clip,
         a_sym=args.a_sym or None,
     )
+    for flag, ratio in (("--w-clip", args.w_clip), ("--a-clip", args.a_clip)):
+        if ratio is not None and not 0 < ratio <= 1:
+            raise UserError(f"{flag} {ratio}: a clip ratio is in (0, 1]")
+    if args.w_clip is not None and args.w_clip_search:
+        raise UserError("give --w-clip (a fixed ratio) or --w-clip-search (a ratio searched per group), not both")
     qc = setting(args.quant, **{k: v for k, v in values.items() if v is not None})
     return dataclasses.replace(qc, lm_head_bits=qc.w_bits, lm_head_group=qc.w_group) if args.quantize_lm_head else qc
 
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     qc = quant_config_from_args(args)
     gptq = gptq_config_from_args(args, qc)
     text = read_text(args.text)
+    if args.rotation == "duquant":
+        args.rotation = str(duquant_rotation(args.model, args.calib_text))  # the result records the file, as for any other
     refuse_calibration_text(args.text, text_sha256(text), calibration_hashes(args.rotation, args.calib_text if gptq else None))
     start = time.time()
     loaded = quantized_model(args.model, args.rotation, qc, args.seed, device=args.device, gptq=gptq, calib_text=args.calib_text)

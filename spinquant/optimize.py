@@ -1,10 +1,10 @@
 """Learn R1 and every layer's R2 by Cayley SGD on a fake-quantized model: `python -m spinquant.optimize`.
 
-SpinQuant's recipe: start from random Hadamard rotations, minimise the causal-LM cross-entropy of
-the rotated model with weights/activations/KV fake-quantized (straight-through estimator), all
-weights frozen, 100 iterations, learning rate 1.5 with cosine decay to 0, windows of 2048 tokens
-of calibration text. The result is a file in SpinQuant's layout that `spinquant.eval --rotation`
-and `export.to_pte --rotation` read, with a JSON of how it was learned beside it.
+SpinQuant's recipe: start from random Hadamard rotations (or `--init duquant`: DuQuant's; or a file),
+minimise the causal-LM cross-entropy of the rotated model with weights/activations/KV fake-quantized
+(straight-through estimator), all weights frozen, 100 iterations, learning rate 1.5 with cosine decay
+to 0, windows of 2048 tokens of calibration text. The result is a file in SpinQuant's layout that
+`spinquant.eval --rotation` and `export.to_pte --rotation` read, with a JSON of how it was learned beside it.
 
 On several GPUs: `torchrun --nproc-per-node N -m spinquant.optimize ...` (spinquant/data_parallel.py).
 """
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from spinquant import data_parallel
 from spinquant.cayley import CayleySGD
 from spinquant.data import calibration_text, read_text, text_sha256, token_windows
+from spinquant.duquant import DuQuantConfig
 from spinquant.environment import describe_environment
 from spinquant.errors import UserError, one_line_errors
 from spinquant.files import write_atomic, write_json_atomic
@@ -35,7 +36,7 @@ from spinquant.models import load_model
 from spinquant.quant import SETTINGS, QuantConfig
 from spinquant.quiet import add_verbose_flag
 from spinquant.rotated_model import RotatedLlama
-from spinquant.rotation import rotations_for
+from spinquant.rotation import Rotations, load_rotation_file, rotations_for
 
 RECIPES = {
     # W16A8: 16-bit weights in the loss, because GPTQ quantizes them to 4 bits afterwards (Meta's
@@ -68,6 +69,7 @@ class Plan:
     dtype: str
     calibration: str
     calibration_sha256: str
+    init: str = "hadamard"  # where learning starts: random Hadamard from the seed, or a rotation file (--init duquant makes one)
 
 
 @dataclass
@@ -173,8 +175,7 @@ def learn(
     """Run (or continue) the plan; returns the model holding the learned rotations and the loss history.
     `on_first_step` hears the seconds the first step of this run took (to say how long the rest will)."""
     qc = RECIPES[plan.recipe]
-    init = rotations_for("hadamard", model.config, seed=plan.seed, r3=qc.online_r3)
-    rm = RotatedLlama(model.to(device), init, qc, DTYPES[plan.dtype]).to(device)  # folds on the device: fast
+    rm = RotatedLlama(model.to(device), initial_rotations(plan, model.config, qc.online_r3), qc, DTYPES[plan.dtype]).to(device)  # folds on the device: fast
     if activation_checkpointing:
         rm.enable_activation_checkpointing()
     opt = CayleySGD(rm.rotation_parameters(), lr=plan.lr, momentum=plan.momentum)
@@ -196,6 +197,17 @@ def learn(
         if writer and checkpoint and checkpoint_every and progress.step % checkpoint_every == 0:
             write_atomic(checkpoint, checkpoint_bytes(rm, opt, plan, progress))
     return rm, progress
+
+
+def initial_rotations(plan: Plan, config: LlamaConfig, r3: bool) -> Rotations:
+    """SpinQuant's start, random Hadamard rotations from the plan's seed, or a rotation file's R1 and R2s."""
+    if plan.init == "hadamard":
+        return rotations_for("hadamard", config, seed=plan.seed, r3=r3)
+    rotations = load_rotation_file(Path(plan.init), config, r3=r3)
+    if rotations.smoothing is not None:
+        raise UserError(f"--init {plan.init}: learning turns R1 and R2 only, and this file holds smoothing scales too: "
+                        "start from one without them (python -m spinquant.duquant --no-smoothing)")
+    return rotations
 
 
 def rotation_bytes(rm: RotatedLlama) -> bytes:
@@ -251,6 +263,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0, help="seed of the initial Hadamard rotations and the data order")
+    p.add_argument("--init", default="hadamard", help="where learning starts: hadamard (random, SpinQuant's) | duquant (DuQuant's "
+                   "rotations on the calibration text, cached beside the model) | a rotation file without smoothing scales")
     p.add_argument("--calib-text", type=Path, default=calibration_text(), help="calibration text (never the evaluation text)")
     p.add_argument("--output", type=Path, default=Path("rotations/R.pt"), help="rotation file; .json, .loss.csv, .loss.png, .ckpt beside it")
     p.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (0: none)")
@@ -275,7 +289,6 @@ def sidecar(plan: Plan, progress: Progress, device: torch.device, command: str) 
     return dict(
         **asdict(plan),
         quant=asdict(RECIPES[plan.recipe]),
-        init="hadamard",
         optimizer="Cayley SGD (spinquant/cayley.py)",
         w_r_products="tf32" if plan.dtype == "bf16" and device.type == "cuda" else "ieee",  # RotatedLlama.matmul_precision
         schedule="cosine to 0",
@@ -312,6 +325,17 @@ def learn_and_save(
     return info
 
 
+def initial_rotation_spec(args: argparse.Namespace) -> str:
+    """--init as the plan records it: hadamard, or a rotation file (DuQuant's made now, unless cached)."""
+    from spinquant.rotation_cache import duquant_rotation  # it imports this module
+
+    if args.init == "duquant":
+        return str(duquant_rotation(args.model, args.calib_text, DuQuantConfig(alpha=None)))
+    if args.init != "hadamard" and not Path(args.init).is_file():
+        raise UserError(f"--init {args.init}: not hadamard, duquant or a rotation file")
+    return args.init
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_args(args)
@@ -320,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_model(args.model, torch.float32)
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.windows)  # refuses a text shorter than one window
     plan = make_plan(args.model, args.recipe, windows, args.calib_text, text, iters=args.iters, lr=args.lr, momentum=args.momentum,
-                     batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype)
+                     batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed, dtype=args.dtype,
+                     init=initial_rotation_spec(args))
     out = args.output
     command = "python -m spinquant.optimize " + " ".join(sys.argv[1:])
     info = learn_and_save(loaded.model, windows, plan, device, out, command, resume=args.resume,

@@ -29,6 +29,7 @@ class QuantConfig:
     w_group: int = 32
     w_sym: bool = True
     w_clip_search: bool = False
+    w_clip: float = 1.0  # a fixed clip ratio of each group's range (DuQuant's --swc), where there is no search
     a_bits: int = 16
     a_sym: bool = False
     a_clip: float = 1.0
@@ -167,12 +168,12 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torc
     scale_dtype = torch.bfloat16 if qc.w_scale_dtype == "bf16" and qc.w_group else None
     if qc.w_clip_search:
         return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste, scale_dtype)
-    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym, ste=ste, scale_dtype=scale_dtype)
+    return fake_quantize(w, qc.w_bits, qc.w_group, qc.w_sym, qc.w_clip, ste=ste, scale_dtype=scale_dtype)
 
 
 def lm_head_config(qc: QuantConfig) -> QuantConfig:
-    """The config lm_head's weight is quantized with: its own bits and group, symmetric, no clip search."""
-    return dataclasses.replace(qc, w_bits=qc.lm_head_bits, w_group=qc.lm_head_group, w_sym=True, w_clip_search=False)
+    """The config lm_head's weight is quantized with: its own bits and group, symmetric, no clipping."""
+    return dataclasses.replace(qc, w_bits=qc.lm_head_bits, w_group=qc.lm_head_group, w_sym=True, w_clip_search=False, w_clip=1.0)
 
 
 def activation_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1.0, ste: bool = False, narrow: bool = False):

@@ -1,8 +1,9 @@
-"""Rotations learned once per model and recipe, kept beside the model: what `export.to_pte --rotation learn` uses.
+"""Rotations computed once per model, kept beside the model: the learned ones of `--rotation learn` (export) and
+DuQuant's of `--rotation duquant` (evaluation, export, and `spinquant.optimize --init duquant`).
 
 The file is named by the model's content (config and weight files, or the GGUF file) and by the learning plan
-(recipe, iterations, windows, seed, calibration text's sha256...), so a changed model or recipe never reuses a
-stale rotation, and the same ones never learn twice. It goes in `spinquant-rotations/` beside the model, or in
+(recipe, iterations, windows, seed, calibration text's sha256...) or DuQuant's settings and calibration text, so a
+changed model or recipe never reuses a stale rotation, and the same ones are never computed twice. It goes in `spinquant-rotations/` beside the model, or in
 the user cache where the model's folder is read-only.
 """
 
@@ -17,7 +18,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from spinquant.data import read_text, token_windows
+from spinquant.data import read_text, text_sha256, token_windows
+from spinquant.duquant import DuQuantConfig, write_duquant_file
 from spinquant.files import cache_dir
 from spinquant.models import DEMO_MODELS, demo_gguf_path, load_model
 from spinquant.optimize import learn_and_save, make_plan
@@ -64,9 +66,9 @@ def learned_rotation(source: str, tokenizer: PreTrainedTokenizerBase, recipe: st
     windows = token_windows(tokenizer, text, min(MAX_SEQLEN, max_seq_len), None)
     plan = make_plan(source, recipe, windows, calib_text, text, iters=iters, lr=LR, momentum=0.0, batch_size=BATCH_SIZE, grad_accum=1,
                      seed=seed, dtype="bf16" if device.type == "cuda" else "fp32")
-    key = {k: v for k, v in asdict(plan).items() if k not in ("model", "calibration")}  # paths differ between machines
-    plan_sha = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    out = rotation_home(source) / f"{model_sha256(source)[:16]}-{recipe}-{plan_sha[:12]}.pt"
+    # Paths differ between machines; learning here always starts from Hadamard (keys made before `init` existed hold).
+    key = {k: v for k, v in asdict(plan).items() if k not in ("model", "calibration", "init")}
+    out = rotation_home(source) / f"{model_sha256(source)[:16]}-{recipe}-{settings_sha(key)}.pt"
     if out.is_file():
         print(f"learned rotation: {out} (cached)", file=sys.stderr)
         return out
@@ -76,6 +78,22 @@ def learned_rotation(source: str, tokenizer: PreTrainedTokenizerBase, recipe: st
     learn_and_save(load_model(source, torch.float32).model, windows, plan, device, out, command, resume=resume,
                    checkpoint_every=max(1, iters // CHECKPOINTS_PER_RUN), on_first_step=lambda s: say_how_long(s, iters, device))
     print(f"learned rotation: {out}", file=sys.stderr)
+    return out
+
+
+def settings_sha(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def duquant_rotation(source: str, calib_text: Path, config: DuQuantConfig = DuQuantConfig()) -> Path:
+    """DuQuant's rotation file for this model, searched now on `calib_text` (spinquant/duquant.py), unless already cached."""
+    key = dict(asdict(config), calibration_sha256=text_sha256(read_text(calib_text)))
+    out = rotation_home(source) / f"{model_sha256(source)[:16]}-duquant-{settings_sha(key)}.pt"
+    if out.is_file():
+        print(f"DuQuant rotation: {out} (cached)", file=sys.stderr)
+        return out
+    write_duquant_file(source, calib_text, config, out)
+    print(f"DuQuant rotation: {out}", file=sys.stderr)
     return out
 
 

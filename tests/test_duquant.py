@@ -1,11 +1,16 @@
 """DuQuant's rotations: greedy block rotations and the zigzag permutation, fused as R1 and R2 exactly."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
+
+from conftest import SAMPLE_TEXT
 
 from spinquant.duquant import (
     DuQuantConfig, block_diagonal, calibration_windows, duquant_rotations, duquant_transform, greedy_block_rotation,
@@ -125,8 +130,6 @@ def test_cli_writes_a_rotation_file_that_loads(tiny_hf_dir, tmp_path):
            "--windows", "2", "--seqlen", "64", "--steps", "16", "--output", str(out)]
     result = subprocess.run(run, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    from transformers import AutoConfig
-
     rotations = load_rotation_file(out, AutoConfig.from_pretrained(tiny_hf_dir))
     assert rotations.r1.shape == (64, 64) and rotations.smoothing[0].down.shape == (128,)
     state = torch.load(out)
@@ -140,3 +143,25 @@ def test_cli_writes_a_rotation_file_that_loads(tiny_hf_dir, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "spinquant.duquant: error: --block 48 does not divide the hidden size 64: pick a divisor of it, at least 2"
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_eval_rotation_duquant_searches_once_beside_the_model(tiny_hf_dir, tmp_path, capsys):
+    """`--rotation duquant`: DuQuant's default search on the calibration text, kept beside the model and reused."""
+    from spinquant import eval as spinquant_eval
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_hf_dir, model)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT * 2)  # 8 windows of 256 tokens of the tiny tokenizer's
+    run = ["--model", str(model), "--rotation", "duquant", "--calib-text", str(tmp_path / "calib.txt"), "--quant", "w4a8",
+           "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--max-windows", "2"]
+    first = spinquant_eval.main(run)
+    rotation = Path(first["rotation"])
+    assert rotation.parent == model / "spinquant-rotations" and "-duquant-" in rotation.name
+    record = json.loads(rotation.with_suffix(".json").read_text())
+    assert record["method"] == "duquant" and record["alpha"] == 0.6 and record["windows"] == 8
+    assert load_rotation_file(rotation, AutoConfig.from_pretrained(model)).smoothing is not None
+    again = spinquant_eval.main(run)
+    assert again["rotation"] == str(rotation) and again["perplexity"] == first["perplexity"]
+    assert f"DuQuant rotation: {rotation} (cached)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is the calibration text of the rotation"):
+        spinquant_eval.main([*run[:-6], "--text", str(tmp_path / "calib.txt")])

@@ -1,10 +1,13 @@
 import copy
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SAMPLE_TEXT
 from spinquant import optimize
 from spinquant.errors import UserError
 from spinquant.families import R1_READERS, R1_WRITERS, layer_linears
@@ -304,3 +307,37 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(UserError, match="--batch-size 8 does not split over 3 processes"):
         optimize.main(["--model", str(tiny_hf_dir), "--device", "cpu", "--output", str(tmp_path / "R.pt")])
+
+
+def test_learning_starts_from_the_init_file_and_refuses_one_with_smoothing(tmp_path):
+    model = sharp_tiny_llama()
+    start = rotations_for("orthogonal", model.config, seed=3)
+    path = tmp_path / "start.pt"
+    torch.save({"R1": start.r1.float(), **{f"model.layers.{i}.self_attn.R2": r.float() for i, r in enumerate(start.r2)}}, path)
+    rm, _ = learn(model, windows(), plan(iters=1, lr=1e-9, init=str(path)), CPU, progress_bar=False)
+    assert (rm.r1.detach().double() - start.r1).abs().max() < 1e-5  # a step of 1e-9 from the file's R1, not from Hadamard
+    state = torch.load(path)
+    state.update({f"model.layers.{i}.smoothing.{part}": torch.ones(n) for i in range(2) for part, n in
+                  (("attention", 64), ("mlp", 64), ("values", 32), ("down", 128))})
+    torch.save(state, tmp_path / "smoothed.pt")
+    with pytest.raises(UserError, match="holds smoothing scales too: start from one without them"):
+        learn(sharp_tiny_llama(), windows(), plan(init=str(tmp_path / "smoothed.pt")), CPU, progress_bar=False)
+
+
+def test_cli_init_duquant_searches_rotations_without_smoothing_and_records_them(tiny_hf_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from spinquant.rotation import load_rotation_file
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_hf_dir, model)
+    (tmp_path / "calib.txt").write_text(SAMPLE_TEXT * 2)
+    out = tmp_path / "R.pt"
+    optimize.main(["--model", str(model), "--calib-text", str(tmp_path / "calib.txt"), "--seqlen", "32", "--windows", "4",
+                   "--batch-size", "2", "--iters", "2", "--dtype", "fp32", "--device", "cpu", "--output", str(out), "--init", "duquant"])
+    init = Path(json.loads(out.with_suffix(".json").read_text())["init"])
+    assert init.parent == model / "spinquant-rotations" and "-duquant-" in init.name
+    assert json.loads(init.with_suffix(".json").read_text())["alpha"] is None
+    assert load_rotation_file(init, AutoConfig.from_pretrained(model)).smoothing is None
+    with pytest.raises(UserError, match="--init nowhere.pt: not hadamard, duquant or a rotation file"):
+        optimize.main(["--model", str(model), "--init", "nowhere.pt", "--device", "cpu", "--output", str(out)])

@@ -60,6 +60,20 @@ def test_clip_ratio_clips():
     assert fake_quantize(x, 8, 0, symmetric=True, clip=0.5).abs().max() <= 0.5 * 128 / 127.5 + 1e-6
 
 
+def test_fixed_weight_clip_is_a_ratio_of_each_groups_range():
+    """--w-clip r: each group's scale is r·max|w| / 7.5 (float64 reference, one group at a time); lm_head is never clipped."""
+    from spinquant.quant import lm_head_config, quantize_weight
+
+    w = torch.randn(8, 64, dtype=torch.float64)
+    ours = quantize_weight(w, QuantConfig(w_bits=4, w_group=32, w_clip=0.8))
+    groups = w.unflatten(-1, (2, 32))
+    scale = 0.8 * groups.abs().amax(-1, keepdim=True) / 7.5
+    reference = (torch.clamp(torch.round(groups / scale), -8, 7) * scale).flatten(-2)
+    assert (ours - reference).abs().max() < 1e-12
+    assert not torch.allclose(ours, quantize_weight(w, QuantConfig(w_bits=4, w_group=32)))
+    assert lm_head_config(QuantConfig(w_bits=4, w_clip=0.8)).w_clip == 1.0
+
+
 def test_mse_clip_search_never_worse_than_round_to_nearest():
     w = torch.randn(64, 256, dtype=torch.float64)
     w[:, ::50] *= 10

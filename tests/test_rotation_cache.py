@@ -1,4 +1,5 @@
-"""`export.to_pte --rotation learn`: learned once per model and recipe, kept beside the model, resumed after an interruption."""
+"""`export.to_pte --rotation learn`: learned once per model and recipe, kept beside the model, resumed after an interruption;
+`--rotation duquant`: searched once per model, likewise."""
 
 import json
 from pathlib import Path
@@ -84,3 +85,14 @@ def test_resume_without_learning_is_refused(qwen3_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         export_main(["--model", str(qwen3_dir), "--rotation", "hadamard", "--resume", "--output-dir", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "--resume continues learning rotations" in capsys.readouterr().err
+
+
+def test_duquant_is_searched_once_beside_the_model_and_exports(qwen3_dir, tmp_path, capsys):
+    (qwen3_dir.parent / "calib.txt").write_text(SAMPLE_TEXT * 2)  # DuQuant's 8 windows of 256 tokens
+    report = export(qwen3_dir, tmp_path / "out", "--rotation", "duquant", "--no-gptq")
+    rotation = Path(report["options"]["rotation"])
+    assert rotation.parent == qwen3_dir / "spinquant-rotations" and "-duquant-" in rotation.name
+    assert report["rotation"]["from_rotation_duquant"] and not report["rotation"]["from_rotation_learn"]
+    assert "DuQuant's rotations" in report["stage_seconds"] and report["verify"]["mean_kl"] < 1e-3
+    again = export(qwen3_dir, tmp_path / "again", "--rotation", "duquant", "--no-gptq")
+    assert again["options"]["rotation"] == str(rotation) and f"DuQuant rotation: {rotation} (cached)" in capsys.readouterr().err

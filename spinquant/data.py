@@ -3,7 +3,8 @@
 WikiText-2's test split ships inside the package (`spinquant/texts/wikitext2/`, split by article
 into `calib.txt` and `eval.txt`; its README gives the source, licence and sha256), so the defaults
 resolve from a checkout and from an installed wheel alike. `SPINQUANT_DATA=DIR` points them at
-another folder holding `calib.txt` and `eval.txt`; `--calib-text` / `--text` at single files.
+another folder holding `calib.txt` and `eval.txt`; `--calib-text` / `--text` at single files. Text of another
+domain ships beside it, to measure only (`spinquant/texts/devils_dictionary/`, public domain; its README says whence).
 """
 
 import hashlib
@@ -17,6 +18,7 @@ from spinquant.errors import UserError
 
 PACKAGED = Path(__file__).resolve().parent / "texts" / "wikitext2"
 DATA_ENV = "SPINQUANT_DATA"
+OUT_OF_DOMAIN_TEXT = PACKAGED.parent / "devils_dictionary" / "eval.txt"
 
 
 def data_dir() -> Path:

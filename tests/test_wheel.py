@@ -58,6 +58,7 @@ def test_the_wheel_carries_the_cpp_sources(wheel_files):
 
 def test_the_wheel_carries_the_data_and_rotations(wheel_files):
     data = {f"spinquant/texts/wikitext2/{name}" for name in ("calib.txt", "eval.txt", "README.md")}
+    data |= {f"spinquant/texts/devils_dictionary/{name}" for name in ("eval.txt", "README.md")}
     assert data | {"spinquant/rotations/smollm2_w4a8.pt"} <= wheel_files
 
 

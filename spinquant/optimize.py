@@ -280,6 +280,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.lr <= 0:
         raise UserError("--lr must be positive")
+    if args.init not in ("hadamard", "duquant") and not Path(args.init).is_file():
+        raise UserError(f"--init {args.init}: not hadamard, duquant or a rotation file")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     data_parallel.check_batch_splits(args.batch_size, data_parallel.launched_processes())
@@ -331,8 +333,6 @@ def initial_rotation_spec(args: argparse.Namespace) -> str:
 
     if args.init == "duquant":
         return str(duquant_rotation(args.model, args.calib_text, DuQuantConfig(alpha=None)))
-    if args.init != "hadamard" and not Path(args.init).is_file():
-        raise UserError(f"--init {args.init}: not hadamard, duquant or a rotation file")
     return args.init
 
 

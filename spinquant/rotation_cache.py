@@ -2,9 +2,9 @@
 DuQuant's of `--rotation duquant` (evaluation, export, and `spinquant.optimize --init duquant`).
 
 The file is named by the model's content (config and weight files, or the GGUF file) and by the learning plan
-(recipe, iterations, windows, seed, calibration text's sha256...) or DuQuant's settings and calibration text, so a
-changed model or recipe never reuses a stale rotation, and the same ones are never computed twice. It goes in `spinquant-rotations/` beside the model, or in
-the user cache where the model's folder is read-only.
+(recipe, iterations, windows, seed, calibration text's sha256...) or DuQuant's settings and calibration text, so
+a changed model or recipe never reuses a stale rotation, and the same ones are never computed twice. It goes in
+`spinquant-rotations/` beside the model, or in the user cache where the model's folder is read-only.
 """
 
 import hashlib

@@ -11,6 +11,7 @@ The gain is the share of the RTN program's distance from full precision that the
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -37,15 +38,22 @@ def measure(args: argparse.Namespace, text_path: Path) -> dict:
     text = read_text(text_path)
     loaded = load_model("smollm2-135m")
     windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows)
-    row = dict(text=str(text_path), sha256=text_sha256(text), windows=int(windows.shape[0]), fp=perplexity(loaded.model, windows))
+    row = dict(text=os.path.relpath(text_path), sha256=text_sha256(text), windows=int(windows.shape[0]), fp=perplexity(loaded.model, windows))
     for name in ("best", "rtn"):
         row[name] = perplexity_of(PteProgram(getattr(args, name) / "model.pte").prefill_logits, windows)
     row["gain"] = (row["rtn"] - row["best"]) / (row["rtn"] - row["fp"])
     return row
 
 
-def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"Command: `{command}`", "", f"Machine and libraries: {environment_line()}.", "",
+def program_line(name: str, options: dict) -> str:
+    gptq = "GPTQ on its calibration text" if options["gptq"] else "round-to-nearest weights"
+    return f"- {name}: rotation `{Path(options['rotation']).name}`, {gptq}, lm_head {options['lm_head']}, KV cache {options['kv_cache']}"
+
+
+def markdown(rows: list[dict], command: str, environment: str) -> str:
+    lines = ["# The default program and the RTN program on WikiText and on text of another domain", "",
+             f"Command: `{command}`", "", f"Machine and libraries: {environment}.", "",
+             program_line("default program", rows[0]["best_options"]), program_line("RTN program", rows[0]["rtn_options"]), "",
              "| text | windows × tokens | full precision | RTN program, no rotation | default program | share of RTN's gap closed |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -65,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("best", "rtn"):
         rows[0][f"{name}_options"] = json.loads((getattr(args, name) / "export_report.json").read_text())["options"]
     command = shlex.join(["python", "scripts/out_of_domain_table.py", *(sys.argv[1:] if argv is None else argv)])
-    write_json_atomic(args.output.with_suffix(".json"), dict(rows=rows, command=command))
-    write_atomic(args.output.with_suffix(".md"), markdown(rows, command).encode())
-    print(markdown(rows, command))
+    report = markdown(rows, command, environment_line())
+    write_json_atomic(args.output.with_suffix(".json"), dict(rows=rows, command=command, environment=environment_line()))
+    write_atomic(args.output.with_suffix(".md"), report.encode())
+    print(report)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,8 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
     if args.gptq_windows < 1 or (args.gptq_seqlen is not None and args.gptq_seqlen < 2):
         raise UserError("--gptq-windows must be at least 1 and --gptq-seqlen at least 2")
     if qc.w_clip_search or qc.w_clip != 1:
-        raise UserError("--w-clip-search and --w-clip are round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
+        flag = "--w-clip-search" if qc.w_clip_search else "--w-clip"
+        raise UserError(f"{flag} is round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
     config = GPTQConfig(
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.gptq_seqlen or args.seqlen, scale_dtype=args.gptq_scale_dtype,

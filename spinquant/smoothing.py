@@ -44,7 +44,8 @@ MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
 
 def check_separate_projections(layer: nn.Module) -> None:
     if len(layer_linears(layer, ATTENTION_READERS)) < 3 or len(layer_linears(layer, MLP_READERS)) < 2:
-        raise UserError("smoothing needs separate q/k/v and gate/up projections, and this model family fuses them: use --no-smoothing")
+        raise UserError("smoothing needs separate q/k/v and gate/up projections, and this model family fuses them: DuQuant's "
+                        "rotations alone are python -m spinquant.duquant --no-smoothing --output FILE.pt, then --rotation FILE.pt")
 
 
 def fuse_smoothing(layer: nn.Module, smoothing: LayerSmoothing, head_dim: int) -> None:

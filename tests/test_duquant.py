@@ -93,7 +93,7 @@ def test_other_families_stay_exact_and_fused_projections_refuse_smoothing():
         assert (qwen(ids).logits - reference).abs().max() < 1e-6
 
     phi = Phi3ForCausalLM(Phi3Config(pad_token_id=0, **shape)).double().eval()
-    with pytest.raises(UserError, match="this model family fuses them: use --no-smoothing"):
+    with pytest.raises(UserError, match="this model family fuses them: DuQuant's rotations alone are python -m spinquant.duquant --no-smoothing"):
         duquant_rotations(phi, windows, DuQuantConfig(block=32, steps=16))
     assert duquant_rotations(phi, windows, DuQuantConfig(block=32, steps=16, alpha=None)).smoothing is None
 

@@ -62,7 +62,6 @@ def test_cli_on_local_hf_dir_writes_json(tiny_hf_dir, tmp_path):
         (["--quant", "w2a2"], "unknown quantization setting 'w2a2'"),
         (["--w-clip", "1.2"], "--w-clip 1.2: a clip ratio is in (0, 1]"),
         (["--w-clip", "0.8", "--w-clip-search"], "give --w-clip (a fixed ratio) or --w-clip-search"),
-        (["--w-clip", "0.8", "--w-gptq", "--quant", "w4a8"], "--w-clip-search and --w-clip are round-to-nearest's"),
     ],
 )
 def test_cli_bad_input_is_one_line(argv, message, capsys):

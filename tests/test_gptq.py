@@ -192,6 +192,7 @@ def test_eval_refuses_the_calibration_text(tiny_hf_dir, tmp_path):
     [
         (["--quant", "fp"], "--w-gptq needs quantized weights"), (["--w-asym"], "drop --w-asym"),
         (["--w-clip-search"], "--w-clip-search is round-to-nearest's"),
+        (["--w-clip", "0.8"], "--w-clip is round-to-nearest's"),
     ],
 )
 def test_eval_refuses_what_gptq_cannot_do(tiny_hf_dir, extra, message):

@@ -69,6 +69,8 @@ SETTINGS = {
 # The program's int8 KV cache (export/kv_cache.py): keys and values symmetric int8, one scale per token and head.
 PROGRAM_INT8_KV = dict(k_bits=8, v_bits=8, kv_group=0, kv_sym=True)
 SETTINGS["w4a8-export-kv8"] = dataclasses.replace(SETTINGS["w4a8-export"], **PROGRAM_INT8_KV)
+# What the default program holds since its lm_head is 8da4w (export/options.py): that lm_head int4 in groups of 32 too.
+SETTINGS["w4a8-program"] = dataclasses.replace(SETTINGS["w4a8-export-kv8"], lm_head_bits=4, lm_head_group=32)
 
 
 def setting(name: str, **overrides) -> QuantConfig:

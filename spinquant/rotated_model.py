@@ -21,8 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
 from spinquant import data_parallel, hadamard
-from spinquant.errors import UserError
-from spinquant.quant import QuantConfig, activation_quantizer, check_groups, lm_head_config, quantize_weight, use_kv_quantization
+from spinquant.quant import QuantConfig, activation_quantizer, check_groups, fake_quantize, lm_head_config, quantize_weight, use_kv_quantization
 from spinquant.families import ATTENTION_INPUTS, R1_READERS, R1_WRITERS, layer_linears
 from spinquant.rotation import (Rotations, fuse_all_rmsnorms, head_dim, rotate_input_side, rotated_layer_biases,
                                 rotated_layer_weights, untie_embeddings)
@@ -62,8 +61,6 @@ class RotatedLlama(nn.Module):
     def __init__(self, model: LlamaForCausalLM, init: Rotations, qc: QuantConfig, dtype: torch.dtype):
         super().__init__()
         check_groups(model, qc)
-        if qc.embedding_bits < 16:
-            raise UserError("rotation learning keeps the embedding in float: use a setting without embedding_bits")
         hadamard.factor_size(model.config.intermediate_size)  # R4 needs it: refuse before any work
         self.qc, self.dtype, self.head_dim = qc, dtype, head_dim(model.config)
         exact = _exact_dtype(dtype)
@@ -170,8 +167,11 @@ class RotatedLlama(nn.Module):
         linear.rotated_weight = quantize_weight(w, qc or self.qc, ste=True).to(self.dtype)
 
     def _rotate_embedding(self, module, args, output: torch.Tensor) -> torch.Tensor:
-        # E[ids] @ R1 costs tokens × hidden², E @ R1 vocab × hidden²: rotate the looked-up rows.
-        return output @ self.r1.to(output.dtype)
+        # E[ids] @ R1 costs tokens × hidden², E @ R1 vocab × hidden²: rotate the looked-up rows. The program stores E·R1 one
+        # scale per row (embedding_bits), and a looked-up row is a whole row: quantizing it here is quantizing the table.
+        rotated = output @ self.r1.to(output.dtype)
+        wide = rotated if rotated.dtype in (torch.float32, torch.float64) else rotated.float()
+        return fake_quantize(wide, self.qc.embedding_bits, 0, symmetric=True, ste=True).to(rotated.dtype)
 
     def _unrotate_lm_head_input(self, module, args: tuple) -> tuple:
         # An unquantized lm_head sees x·R1·(W·R1)ᵀ = x·R1·R1ᵀ·Wᵀ: undo R1 on the input instead of rotating W.

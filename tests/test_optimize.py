@@ -44,7 +44,7 @@ def plan(**overrides):
     return Plan(**{**values, **overrides})
 
 
-@pytest.mark.parametrize("recipe", ["w4a8", "w4a4kv4", "executorch"])
+@pytest.mark.parametrize("recipe", ["w4a8", "w4a4kv4", "executorch", "program"])
 def test_rotated_model_matches_fused_and_quantized_reference_in_float64(recipe):
     # Reference: rotation.py fuses R1/R2/R4 (and R3) into the weights, quant.py fake-quantizes them.
     # Asymmetric weights: symmetric RTN puts a group's extreme exactly on a rounding tie, where the

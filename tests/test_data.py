@@ -18,6 +18,13 @@ def test_packaged_texts_are_the_split_their_readme_describes(monkeypatch):
     assert "Creative Commons Attribution-ShareAlike 3.0" in readme
 
 
+def test_the_out_of_domain_text_is_the_one_its_readme_describes():
+    readme = (data.OUT_OF_DOMAIN_TEXT.parent / "README.md").read_text()
+    listed = re.search(r"`eval.txt` \|[^\n]*\| ([0-9a-f]{64}) \|", readme).group(1)
+    assert data.text_sha256(data.read_text(data.OUT_OF_DOMAIN_TEXT)) == listed
+    assert "public domain" in readme
+
+
 def test_spinquant_data_points_both_defaults_at_another_folder(monkeypatch, tmp_path):
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
     (tmp_path / "calib.txt").write_text("calibrate here")

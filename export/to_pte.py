@@ -177,13 +177,14 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
         loaded = load_model(opts.model, None)
         model = loaded.model.requires_grad_(False)
         check_model_fits(model, opts)
-    learning, computed = opts.rotation == "learn", COMPUTED_ROTATIONS.get(opts.rotation)
-    if computed:
-        with stage(computed):  # each on a float32 copy of the model of its own (learning folds and wraps it)
+    computed_by = opts.rotation if opts.rotation in COMPUTED_ROTATIONS else None
+    if computed_by:
+        with stage(COMPUTED_ROTATIONS[computed_by]):  # each on a float32 copy of the model of its own (learning folds and wraps it)
             # The report records the file (what runner.compare reads), not "learn" or "duquant".
             calib_text = opts.calib_text or calibration_text()
             opts.rotation = str(learned_rotation(opts.model, loaded.tokenizer, opts.learning_recipe(), calib_text, opts.max_seq_len,
-                                                 opts.learn_iters, opts.resume, opts.seed) if learning else duquant_rotation(opts.model, calib_text))
+                                                 opts.learn_iters, opts.resume, opts.seed)
+                                if computed_by == "learn" else duquant_rotation(opts.model, calib_text))
     with stage("rotate and quantize"):  # on the CPU, GPTQ too: a GPU would round some scales differently
         prepare(model, opts.rotation, opts.program_quant(), opts.gptq_request(), tokenizer=loaded.tokenizer,
                 calib_text=opts.calib_text, seed=opts.seed)
@@ -194,7 +195,8 @@ def exported_model(opts: ExportOptions, stage: Stages) -> tuple[torch.export.Exp
             reference = eager_reference(model, prompt, opts.max_seq_len, longest_call(opts.max_seq_len, opts.prefill_chunk))
     done = model.spinquant
     model_facts = dict(
-        rotation=dict(describe_rotations(done.rotations), from_rotation_learn=learning, from_rotation_duquant=bool(computed) and not learning), gptq=done.gptq.describe() if done.gptq else None,
+        rotation=dict(describe_rotations(done.rotations), from_rotation_learn=computed_by == "learn",
+                      from_rotation_duquant=computed_by == "duquant"), gptq=done.gptq.describe() if done.gptq else None,
         metadata=metadata(model, loaded.tokenizer, opts.max_seq_len, opts.prefill_chunk), parts=program_parts(model),
     )
     with stage("torch.export"):

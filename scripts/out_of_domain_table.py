@@ -16,6 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
+
 from runner.pte import PteProgram
 from spinquant.data import OUT_OF_DOMAIN_TEXT, evaluation_text, read_text, text_sha256, token_windows
 from spinquant.environment import environment_line
@@ -34,13 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(args: argparse.Namespace, text_path: Path) -> dict:
+def measure(fp_model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, programs: dict[str, PteProgram], text_path: Path, seqlen: int, max_windows: int) -> dict:
     text = read_text(text_path)
-    loaded = load_model("smollm2-135m")
-    windows = token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows)
-    row = dict(text=os.path.relpath(text_path), sha256=text_sha256(text), windows=int(windows.shape[0]), fp=perplexity(loaded.model, windows))
-    for name in ("best", "rtn"):
-        row[name] = perplexity_of(PteProgram(getattr(args, name) / "model.pte").prefill_logits, windows)
+    windows = token_windows(tokenizer, text, seqlen, max_windows)
+    row = dict(text=os.path.relpath(text_path), sha256=text_sha256(text), windows=int(windows.shape[0]), seqlen=seqlen,
+               fp=perplexity(fp_model, windows))
+    row.update({name: perplexity_of(program.prefill_logits, windows) for name, program in programs.items()})
     row["gain"] = (row["rtn"] - row["best"]) / (row["rtn"] - row["fp"])
     return row
 
@@ -66,10 +67,13 @@ def markdown(rows: list[dict], command: str, environment: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    for name in ("best", "rtn"):
-        if not PteProgram(getattr(args, name) / "model.pte").every_position:
+    programs = {name: PteProgram(getattr(args, name) / "model.pte") for name in ("best", "rtn")}
+    for name, program in programs.items():
+        if not program.every_position:
             sys.exit(f"--{name} {getattr(args, name)}: export it with --full-logits")
-    rows = [dict(measure(args, path), seqlen=args.seqlen) for path in (evaluation_text(), OUT_OF_DOMAIN_TEXT)]
+    loaded = load_model("smollm2-135m")
+    rows = [measure(loaded.model, loaded.tokenizer, programs, path, args.seqlen, args.max_windows)
+            for path in (evaluation_text(), OUT_OF_DOMAIN_TEXT)]
     for name in ("best", "rtn"):
         rows[0][f"{name}_options"] = json.loads((getattr(args, name) / "export_report.json").read_text())["options"]
     command = shlex.join(["python", "scripts/out_of_domain_table.py", *(sys.argv[1:] if argv is None else argv)])

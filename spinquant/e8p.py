@@ -19,7 +19,7 @@ import torch
 DIM = 8
 PATTERNS = 256
 SHIFT = 0.25
-CHUNK = 1 << 14  # rows encoded at a time: (rows, 256, 8) float32 intermediates of 128 MiB
+CHUNK = 1 << 14  # rows encoded at a time: (rows, 256, 8) float64 intermediates of 256 MiB
 
 
 @cache
@@ -40,12 +40,12 @@ def negatives_parity(patterns: torch.Tensor) -> torch.Tensor:
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """(...,) integer codes → (..., 8) float64 codewords."""
     codes = codes.long()
-    patterns = abs_patterns()[codes & 0xFF]
+    index = codes & 0xFF
     flips = (codes[..., None] >> (torch.arange(1, DIM) + 7)) & 1  # coordinates 1-7
-    first = (flips.sum(-1) + negatives_parity(abs_patterns())[codes & 0xFF]) % 2
+    first = (flips.sum(-1) + negatives_parity(abs_patterns())[index]) % 2
     negative = torch.cat([first[..., None], flips], -1)
     shift = torch.where((codes >> 15) & 1 == 1, SHIFT, -SHIFT)
-    return patterns * (1 - 2 * negative) + shift[..., None]
+    return abs_patterns()[index] * (1 - 2 * negative) + shift[..., None]
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:
@@ -60,28 +60,25 @@ def encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def _encode_rows(x: torch.Tensor) -> torch.Tensor:
+    minus_cost, minus_code = _nearest_with_shift(x, 0)
+    plus_cost, plus_code = _nearest_with_shift(x, 1)
+    return torch.where(plus_cost < minus_cost, plus_code, minus_code).int()
+
+
+def _nearest_with_shift(x: torch.Tensor, shift_bit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared distance to, and the code of, the nearest codeword with this shift (bit 15), per row."""
     s = abs_patterns().to(x.device)
-    need = negatives_parity(s).to(x.device)
-    best_cost, best_code = None, None
-    for shift_bit, shift in ((0, -SHIFT), (1, SHIFT)):
-        y = x - shift
-        a, negative = y.abs(), y < 0
-        base = (a * a).sum(-1, keepdim=True) - 2 * a @ s.T + (s * s).sum(-1)  # (rows, 256): Σ(|y| − s)²
-        penalty, cheapest = (4 * a[:, None, :] * s[None]).min(-1)  # (rows, 256)
-        wrong = (negative.sum(-1, keepdim=True) % 2) != need  # (rows, 256)
-        cost = base + torch.where(wrong, penalty, torch.zeros_like(penalty))
-        cost, pattern = cost.min(-1)
-        signs = negative.long()
-        fix = wrong.gather(1, pattern[:, None])[:, 0]
-        flip = cheapest.gather(1, pattern[:, None])[:, 0]
-        signs[fix, flip[fix]] ^= 1
-        code = pattern | (signs[:, 1:] << (torch.arange(1, DIM, device=x.device) + 7)).sum(-1) | (shift_bit << 15)
-        if best_cost is None:
-            best_cost, best_code = cost, code
-        else:
-            better = cost < best_cost
-            best_cost, best_code = torch.where(better, cost, best_cost), torch.where(better, code, best_code)
-    return best_code.int()
+    y = x - (SHIFT if shift_bit else -SHIFT)
+    a, negative = y.abs(), y < 0
+    base = (a * a).sum(-1, keepdim=True) - 2 * a @ s.T + (s * s).sum(-1)  # (rows, 256): Σ(|y| − s)²
+    penalty, cheapest = (4 * a[:, None, :] * s[None]).min(-1)  # (rows, 256)
+    wrong = (negative.sum(-1, keepdim=True) % 2) != negatives_parity(s)  # (rows, 256)
+    cost, pattern = (base + torch.where(wrong, penalty, torch.zeros_like(penalty))).min(-1)
+    signs = negative.long()
+    fix = wrong.gather(1, pattern[:, None])[:, 0]
+    flip = cheapest.gather(1, pattern[:, None])[:, 0]
+    signs[fix, flip[fix]] ^= 1
+    return cost, pattern | (signs[:, 1:] << (torch.arange(1, DIM, device=x.device) + 7)).sum(-1) | (shift_bit << 15)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
+    p.add_argument("--first-window", type=int, default=0, help="0-based index of the first evaluation window (held-out checks)")
     p.add_argument("--seed", type=int, default=0, help="seed of random rotations")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--w-gptq", action="store_true", help="weights by GPTQ on the calibration text instead of round-to-nearest")
@@ -108,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="columns by decreasing Hessian diagonal (static group scales)")
     p.add_argument("--gptq-clip-search", action=argparse.BooleanOptionalAction, default=GPTQConfig.clip_search,
                    help="GPTQ's group scales by per-group MSE clip search (--w-clip-search is round-to-nearest's)")
+    p.add_argument("--gptq-tune-steps", type=int, default=0, help="then tune GPTQ's group scales end to end for this many steps, "
+                   "integers fixed (spinquant/scale_tuning.py; 200 on the demo)")
+    p.add_argument("--gptq-tune-lr", type=float, default=GPTQConfig.tune_lr, help="Adam's learning rate on the scales' logarithms")
     p.add_argument("--gptq-scale-dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 = the export's 8da4w scales")
     p.add_argument("--calib-text", type=Path, default=calibration_text(),
                    help="GPTQ's and --rotation duquant's calibration text (never the evaluation text)")
@@ -126,12 +130,15 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
         raise UserError("--w-gptq computes symmetric scales (torchao's 8da4w); drop --w-asym")
     if args.gptq_windows < 1 or (args.gptq_seqlen is not None and args.gptq_seqlen < 2):
         raise UserError("--gptq-windows must be at least 1 and --gptq-seqlen at least 2")
+    if args.gptq_tune_steps < 0 or args.gptq_tune_lr <= 0:
+        raise UserError(f"--gptq-tune-steps must be 0 or more and --gptq-tune-lr positive, not {args.gptq_tune_steps} and {args.gptq_tune_lr}")
     if qc.w_clip_search or qc.w_clip != 1:
         flag = "--w-clip-search" if qc.w_clip_search else "--w-clip"
         raise UserError(f"{flag} is round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
     config = GPTQConfig(
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.gptq_seqlen or args.seqlen, scale_dtype=args.gptq_scale_dtype,
+        tune_steps=args.gptq_tune_steps, tune_lr=args.gptq_tune_lr,
     )
     return config
 
@@ -164,10 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     loaded = quantized_model(args.model, args.rotation, qc, args.seed, device=args.device, gptq=gptq, calib_text=args.calib_text)
     gptq_result = loaded.model.spinquant.gptq
-    ppl = perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows))
+    ppl = perplexity(loaded.model, token_windows(loaded.tokenizer, text, args.seqlen, args.max_windows, args.first_window))
     result = dict(
         model=args.model, rotation=args.rotation, quant=asdict(qc), text=str(args.text), text_sha256=text_sha256(text),
-        seqlen=args.seqlen, max_windows=args.max_windows, perplexity=ppl, seconds=round(time.time() - start, 1),
+        seqlen=args.seqlen, first_window=args.first_window, max_windows=args.max_windows, perplexity=ppl, seconds=round(time.time() - start, 1),
         gptq=gptq_result.describe() if gptq_result else None,
     )
     if gptq_result and args.gptq_output:

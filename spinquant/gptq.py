@@ -48,6 +48,7 @@ from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, layer_linears
 from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear, untie_embeddings
+from spinquant.scale_tuning import tune_scales
 from spinquant.torch_files import describe_type, load_torch_file
 
 SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -82,6 +83,9 @@ class GPTQConfig:
     # GPTQ of W' = W + a·W(C − H)(H + λI)⁻¹, C = 2X_fpᵀX̃/n (the ridge solution of ‖X_fp Wᵀ − X̃ W'ᵀ‖² + λ‖W' − W‖²).
     # a = 0 is plain GPTQ; a = 1 the full correction. The default 0.5 is what results/gptq_smollm2.md measures.
     asymmetric: float = 0.5
+    # Steps of end-to-end tuning of the group scales afterwards, integers fixed (spinquant/scale_tuning.py); 0 = none.
+    tune_steps: int = 0
+    tune_lr: float = 3e-3
 
 
 @dataclass
@@ -591,7 +595,10 @@ def run_gptq(
     if len(windows) < cfg.windows:
         print(f"GPTQ: the calibration text has {len(windows)} windows of {cfg.seqlen} tokens, using them all", file=sys.stderr)
     start = time.time()
+    teacher = copy.deepcopy(model) if cfg.tune_steps else None  # the rotated float model: the same function as the original
     weights = rtn_model(model, cfg) if cfg.method == "rtn" else gptq_model(model, windows, cfg, device, lm_head=lm_head)
+    if teacher is not None:
+        weights = tune_scales(model, teacher, weights, windows, cfg.tune_steps, cfg.tune_lr)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return GPTQResult(

@@ -192,6 +192,10 @@ def demo_hf_dir(name: str) -> Path:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written directory never looks valid
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # Another process (a second evaluation started beside this one) converted it first: the same bytes.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -96,3 +97,20 @@ def test_demo_model_cached_directory_is_the_gguf_model(demo):
     text = "The capital of France is Paris. Ünïcödé, digits 12345 and <|im_end|>"
     assert demo.tokenizer(text)["input_ids"] == from_gguf.tokenizer(text)["input_ids"]
     assert demo.tokenizer.eos_token_id == from_gguf.tokenizer.eos_token_id and demo.tokenizer.bos_token_id == from_gguf.tokenizer.bos_token_id
+
+
+def test_a_demo_conversion_another_process_finished_first_is_used(tiny_hf_dir, tmp_path, monkeypatch):
+    """Two evaluations started at once both convert the GGUF; the one that loses the rename takes the winner's directory."""
+    from spinquant import models
+
+    monkeypatch.setenv("SPINQUANT_CACHE", str(tmp_path))
+    target = tmp_path / "demo" / "hf"
+
+    def convert_while_the_other_process_wins(path):
+        shutil.copytree(tiny_hf_dir, target)
+        return models.load_model(str(tiny_hf_dir))
+
+    monkeypatch.setattr(models, "demo_gguf_path", lambda name: tmp_path / "demo.gguf")
+    monkeypatch.setattr(models, "load_gguf", convert_while_the_other_process_wins)
+    assert models.demo_hf_dir("demo") == target
+    assert (target / "config.json").is_file() and not list(target.parent.glob(".hf-*"))

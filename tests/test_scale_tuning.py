@@ -1,0 +1,80 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spinquant.errors import UserError
+from spinquant.eval import main as eval_main
+from spinquant.gptq import GPTQConfig, GPTQResult, rtn_model
+from spinquant.models import tiny_llama, tiny_llama_config
+from spinquant.rotation import apply_rotations, rotations_for
+from spinquant.scale_tuning import dequantized, distribution_loss, tune_scales
+
+
+def rounded_model(dtype: torch.dtype = torch.float32):
+    """A rotated tiny Llama, its full-precision copy, and its decoder linears rounded to nearest in GPTQ's layout."""
+    model = tiny_llama(tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2), dtype=dtype)
+    model = apply_rotations(model, rotations_for("hadamard", model.config))
+    teacher = copy.deepcopy(model)
+    return model, teacher, rtn_model(model, GPTQConfig(method="rtn", clip_search=False))
+
+
+def windows(n: int = 8, seqlen: int = 48) -> torch.Tensor:
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def kl_in_place(model, teacher, ids: torch.Tensor) -> float:
+    """The reference: KL(teacher ‖ model) with the weights in the model, by the textbook sum, in float64."""
+    p = F.log_softmax(teacher(ids).logits.double(), -1)
+    q = F.log_softmax(model(ids).logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+def test_loss_with_substituted_weights_is_the_kl_of_the_model_holding_them():
+    model, teacher, weights = rounded_model(torch.float64)
+    ids = windows(2)
+    scaled = {name: qw.scale.double() * 1.1 for name, qw in weights.items()}
+    substituted = {f"{n}.weight": dequantized(weights[n].qdata.double(), s) for n, s in scaled.items()}
+    loss = distribution_loss(model, teacher, substituted, ids).item()
+    for name, weight in substituted.items():
+        model.get_submodule(name.removesuffix(".weight")).weight.data = weight
+    assert loss == pytest.approx(kl_in_place(model, teacher, ids), rel=1e-10, abs=1e-14)
+
+
+def test_tuning_brings_the_distribution_back_and_keeps_the_integers():
+    model, teacher, weights = rounded_model()
+    ids = windows()
+    before = kl_in_place(model, teacher, ids)
+    tuned = tune_scales(model, teacher, weights, ids, steps=40, lr=1e-2, progress=False)
+    assert kl_in_place(model, teacher, ids) < 0.8 * before
+    assert tuned.keys() == weights.keys()
+    for name, qw in tuned.items():
+        assert torch.equal(qw.qdata, weights[name].qdata) and qw.scale.dtype == weights[name].scale.dtype
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize())  # the model holds what the result says
+    assert any(not torch.equal(qw.scale, weights[name].scale) for name, qw in tuned.items())
+    assert all(p.requires_grad for p in model.parameters())  # frozen while tuning only
+
+
+@pytest.fixture
+def calib_text(tiny_hf_dir, tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text((tiny_hf_dir.parent / "text.txt").read_text().replace("Boulter", "Smith"))
+    return path
+
+
+def test_eval_tunes_gptqs_scales_and_saves_them(tiny_hf_dir, calib_text, tmp_path):
+    args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--quant", "w4a8",
+            "--w-gptq", "--calib-text", str(calib_text), "--gptq-windows", "4"]
+    plain = eval_main(args + ["--gptq-output", str(tmp_path / "plain.pt")])
+    tuned = eval_main(args + ["--gptq-tune-steps", "10", "--gptq-tune-lr", "1e-2", "--gptq-output", str(tmp_path / "tuned.pt")])
+    assert tuned["gptq"]["config"]["tune_steps"] == 10 and plain["gptq"]["config"]["tune_steps"] == 0
+    assert tuned["perplexity"] != plain["perplexity"]
+    plain_w, tuned_w = GPTQResult.load(tmp_path / "plain.pt").weights, GPTQResult.load(tmp_path / "tuned.pt").weights
+    assert all(torch.equal(plain_w[n].qdata, tuned_w[n].qdata) for n in plain_w)
+
+
+@pytest.mark.parametrize("flags", [["--gptq-tune-steps", "-1"], ["--gptq-tune-lr", "0"]])
+def test_eval_refuses_bad_tuning_flags(tiny_hf_dir, flags):
+    with pytest.raises(UserError, match="--gptq-tune-steps must be 0 or more"):
+        eval_main(["--model", str(tiny_hf_dir), "--quant", "w4a8", "--w-gptq", *flags])

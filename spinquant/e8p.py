@@ -31,6 +31,11 @@ def abs_patterns() -> torch.Tensor:
     return torch.tensor(inside + norm12, dtype=torch.float64)
 
 
+def quarter_patterns() -> torch.Tensor:
+    """(256, 8) int8: abs_patterns() in quarter units (2, 6, 10), the table the C++ decoder holds (kernels/cpu/e8p_tables.h)."""
+    return (4 * abs_patterns()).to(torch.int8)
+
+
 def negatives_parity(patterns: torch.Tensor) -> torch.Tensor:
     """Per pattern, the parity the number of negative coordinates must have for the signed sum to be even:
     flipping x_i changes the sum by 2x_i, an odd integer, so (#negative) ≡ Σ|x| (mod 2)."""

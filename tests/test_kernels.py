@@ -257,7 +257,7 @@ def test_cpp_kernel_under_address_and_undefined_behaviour_sanitizers():
     env = {**os.environ, "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.count(" checks, 0 failures") == 2  # test_transform and test_hadamard
+    assert result.stdout.count(" checks, 0 failures") == 3  # test_transform, test_hadamard and test_e8p_linear
 
 
 ARM64_CXX, QEMU_ARM64 = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")

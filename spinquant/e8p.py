@@ -45,12 +45,13 @@ def negatives_parity(patterns: torch.Tensor) -> torch.Tensor:
 def decode(codes: torch.Tensor) -> torch.Tensor:
     """(...,) integer codes → (..., 8) float64 codewords."""
     codes = codes.long()
+    patterns = abs_patterns().to(codes.device)
     index = codes & 0xFF
-    flips = (codes[..., None] >> (torch.arange(1, DIM) + 7)) & 1  # coordinates 1-7
-    first = (flips.sum(-1) + negatives_parity(abs_patterns())[index]) % 2
+    flips = (codes[..., None] >> (torch.arange(1, DIM, device=codes.device) + 7)) & 1  # coordinates 1-7
+    first = (flips.sum(-1) + negatives_parity(patterns)[index]) % 2
     negative = torch.cat([first[..., None], flips], -1)
     shift = torch.where((codes >> 15) & 1 == 1, SHIFT, -SHIFT)
-    return abs_patterns()[index] * (1 - 2 * negative) + shift[..., None]
+    return patterns[index] * (1 - 2 * negative) + shift[..., None]
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:

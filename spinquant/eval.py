@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--w-group", type=int, help="0 = per output channel")
     p.add_argument("--w-asym", action="store_true")
+    p.add_argument("--w-codebook", choices=["int", "e8p"], help="e8p: QuIP#'s 2-bit E8P lattice codes with incoherence (BlockLDLQ with --w-gptq)")
     p.add_argument("--w-clip-search", action="store_true", help="per-group MSE search of the clip ratio")
     p.add_argument("--w-clip", type=float, help="a fixed clip ratio of each weight group's range (DuQuant's --swc 0.8)")
     p.add_argument("--a-bits", type=int)
@@ -138,7 +139,7 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
     config = GPTQConfig(
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.gptq_seqlen or args.seqlen, scale_dtype=args.gptq_scale_dtype,
-        tune_steps=args.gptq_tune_steps, tune_lr=args.gptq_tune_lr,
+        tune_steps=args.gptq_tune_steps, tune_lr=args.gptq_tune_lr, codebook=qc.w_codebook,
     )
     return config
 
@@ -149,8 +150,12 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_clip=args.a_clip,
         k_bits=args.k_bits, v_bits=args.v_bits, kv_group=args.kv_group, r3=False if args.no_r3 else None,
         w_sym=False if args.w_asym else None, w_clip_search=args.w_clip_search or None, w_clip=args.w_clip,
-        a_sym=args.a_sym or None,
+        a_sym=args.a_sym or None, w_codebook=args.w_codebook,
     )
+    if args.w_codebook == "e8p":
+        if args.w_bits not in (None, 2):
+            raise UserError(f"--w-codebook e8p is 2 bits a weight, not {args.w_bits} (3 and 4, E8P with residual codes, are not built yet)")
+        values["w_bits"] = 2
     for flag, ratio in (("--w-clip", args.w_clip), ("--a-clip", args.a_clip)):
         if ratio is not None and not 0 < ratio <= 1:
             raise UserError(f"{flag} {ratio}: a clip ratio is in (0, 1]")

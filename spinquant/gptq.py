@@ -32,7 +32,7 @@ import hashlib
 import io
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +42,14 @@ from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
+from spinquant.cholesky import damped, upper_cholesky_of_inverse
 from spinquant.data import text_sha256, token_windows
 from spinquant.errors import UserError
 from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, layer_linears
 from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear, untie_embeddings
+from spinquant.quip import E8PWeight, quip_e8p
 from spinquant.scale_tuning import tune_scales
 from spinquant.torch_files import describe_type, load_torch_file
 
@@ -55,8 +57,6 @@ SCALE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # SpinQuant's "true sequential" order: a group's Hessian sees the groups before it quantized.
 # Each group is the linears of one input (a family has the split or the fused spelling: families.layer_linears).
 SEQUENTIAL = (ATTENTION_INPUTS, ("self_attn.o_proj",), MLP_INPUTS, ("mlp.down_proj",))
-# Each failed Cholesky multiplies the damping by 10; after this many, the Hessian is hopeless.
-CHOLESKY_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,9 @@ class GPTQConfig:
     # Steps of end-to-end tuning of the group scales afterwards, integers fixed (spinquant/scale_tuning.py); 0 = none.
     tune_steps: int = 0
     tune_lr: float = 3e-3
+    # "e8p": QuIP#'s incoherence and BlockLDLQ with the E8P codebook instead of int `bits` in groups (spinquant/quip.py);
+    # GPTAQ's target still applies, act order and the clip search do not.
+    codebook: str = "int"
 
 
 @dataclass
@@ -117,7 +120,7 @@ class GPTQResult:
 
     def save(self, path: Path) -> None:
         buf = io.BytesIO()
-        weights = {name: {"qdata": w.qdata, "scale": w.scale} for name, w in self.weights.items()}
+        weights = {name: dataclasses.asdict(w) for name, w in self.weights.items()}
         torch.save({**self.describe(), "weights": weights}, buf)
         write_atomic(path, buf.getvalue())
 
@@ -145,8 +148,10 @@ def _saved_dict(value: object, what: str, path: Path) -> dict:
     return value
 
 
-def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight:
+def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight | E8PWeight:
     parts = _saved_dict(saved, f"entry {name}", path)
+    if isinstance(parts.get("codes"), torch.Tensor) and isinstance(parts.get("scale"), torch.Tensor) and isinstance(parts.get("seed"), int):
+        return E8PWeight(parts["codes"], parts["scale"], parts["seed"])
     if not all(isinstance(parts.get(key), torch.Tensor) for key in ("qdata", "scale")):
         raise UserError(f"GPTQ file {path}: {name} lacks a qdata or scale tensor; {GPTQ_REMEDY}")
     return QuantizedWeight(parts["qdata"], parts["scale"])
@@ -243,27 +248,6 @@ def round_to_nearest(weight: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
     scales = group_scales(w, cfg)
     q = quantize_with_scale(w, scales.repeat_interleave(w.shape[1] // scales.shape[1], dim=1), cfg.bits)
     return QuantizedWeight(q.to(torch.int8), scales)
-
-
-def damped(h: torch.Tensor, damp: float) -> Iterator[torch.Tensor]:
-    """H + λI, λ = damp · mean diag(H), growing tenfold at each try the caller asks for; too many is an error."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = h.diagonal().mean()
-    ratio = damp
-    for _ in range(CHOLESKY_TRIES):
-        yield h + ratio * mean_diag * eye
-        ratio = ratio * 10 if ratio > 0 else 1e-4
-    raise UserError(f"the Hessian stays singular even with damping {ratio / 10:g} × its mean diagonal")
-
-
-def upper_cholesky_of_inverse(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """U with UᵀU = (H + λI)⁻¹; λ grows until both factorizations succeed."""
-    for h_damped in damped(h, damp):
-        lower, info = torch.linalg.cholesky_ex(h_damped)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper
 
 
 def asymmetric_target(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
@@ -479,6 +463,8 @@ def quantize_layer(
 
 def quantize_group(linears: list[nn.Linear], hessian: torch.Tensor, cfg: GPTQConfig, cross: torch.Tensor | None) -> dict[nn.Linear, QuantizedWeight]:
     """GPTQ of linears sharing one input, as one matrix; each weight becomes its dequantized value."""
+    if cfg.codebook == "e8p":
+        return e8p_group(linears, hessian, cfg, cross)
     qw = gptq_quantize(torch.cat([linear.weight.data for linear in linears]), hessian, cfg, cross)
     rows = [linear.out_features for linear in linears]
     done = {}
@@ -486,6 +472,20 @@ def quantize_group(linears: list[nn.Linear], hessian: torch.Tensor, cfg: GPTQCon
         part = QuantizedWeight(qdata, scale)
         linear.weight.data = part.dequantize().to(linear.weight.dtype)
         done[linear] = QuantizedWeight(qdata.cpu(), scale.cpu())
+    return done
+
+
+def e8p_group(linears: list[nn.Linear], hessian: torch.Tensor, cfg: GPTQConfig, cross: torch.Tensor | None) -> dict:
+    """QuIP#'s E8P codes of each linear sharing this input (each its own R_out and scale, all one R_in); each weight
+    becomes its dequantized value."""
+    done = {}
+    for linear in linears:
+        w = linear.weight.data.to(hessian.dtype)
+        if cross is not None and cfg.asymmetric:
+            w = asymmetric_target(w, hessian, cross.to(hessian.dtype), cfg)
+        qw = quip_e8p(w, hessian, damp=cfg.damp)
+        linear.weight.data = qw.dequantize().to(linear.weight.dtype)
+        done[linear] = dataclasses.replace(qw, codes=qw.codes.cpu())
     return done
 
 

@@ -121,6 +121,8 @@ def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq:
         held = f"int{gptq.config.bits} weights with {gptq.config.scale_dtype} scales"
         if gptq.config.bits != bits:
             raise misfit(source, f"holds {held}; this quantization needs int{bits}")
+        if isinstance(quant, ProgramQuant) and gptq.config.codebook != "int":
+            raise misfit(source, f"holds {gptq.config.codebook} codes; the program has no linear for them yet (int4 only)")
         if isinstance(quant, ProgramQuant) and gptq.config.scale_dtype != "bf16":
             raise misfit(source, f"holds {held}; 8da4w needs int4 with bf16 scales")
 

@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 
 from spinquant.attention import use_spinquant_attention
 from spinquant.errors import UserError
+from spinquant.quip import quip_e8p
 from spinquant.rotation import head_dim, untie_embeddings
 
 CLIP_GRID = torch.linspace(1.0, 0.5, 21).tolist()
@@ -42,6 +43,7 @@ class QuantConfig:
     lm_head_bits: int = 16  # lm_head's weight, symmetric in groups of lm_head_group; its input at a_bits
     lm_head_group: int = 0
     embedding_bits: int = 16  # symmetric, one scale per row (the export's 8-bit embedding)
+    w_codebook: str = "int"  # or "e8p": QuIP#'s E8P lattice codes, 2 bits a weight, with incoherence (spinquant/quip.py)
 
     @property
     def quantizes_kv(self) -> bool:
@@ -167,6 +169,10 @@ def fake_quantize_weight_mse(
 def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torch.Tensor:
     if qc.w_bits >= 16:
         return w
+    if qc.w_codebook == "e8p":
+        if ste:
+            raise UserError("rotations cannot be learned through E8P codes: learn them for int4 weights, then evaluate with E8P")
+        return quip_e8p(w, torch.eye(w.shape[1], dtype=torch.float64, device=w.device)).dequantize().to(w.dtype)
     scale_dtype = torch.bfloat16 if qc.w_scale_dtype == "bf16" and qc.w_group else None
     if qc.w_clip_search:
         return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste, scale_dtype)

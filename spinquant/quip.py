@@ -10,11 +10,13 @@ The result is dequantized back to W's basis (fake quantization): exactly what a 
 applying both rotations computes.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from spinquant import e8p
+from spinquant.cholesky import upper_cholesky_of_inverse
 from spinquant.errors import UserError
-from spinquant.gptq import upper_cholesky_of_inverse
 from spinquant.hadamard import random_hadamard_matrix
 
 # Least mean squared error of s·Q(x/s) for x ~ N(0, 1) in each coordinate, Q the nearest E8P codeword: s from 0.94 to
@@ -38,18 +40,37 @@ def block_ldlq(w: torch.Tensor, hessian: torch.Tensor, quantize, block: int = e8
 
 
 def incoherence_rotations(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """R_out, R_in: random Hadamard rotations of each side (float64), drawn from `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    return random_hadamard_matrix(out_features, gen), random_hadamard_matrix(in_features, gen)
+    """R_out, R_in: random Hadamard rotations of each side (float64). R_in is drawn from the seed and the input size
+    alone, so linears that share an input (q, k, v) share it too: one online transform serves them all."""
+    return (random_hadamard_matrix(out_features, torch.Generator().manual_seed(2 * seed + 1)),
+            random_hadamard_matrix(in_features, torch.Generator().manual_seed(2 * seed)))
 
 
-def quip_e8p(weight: torch.Tensor, hessian: torch.Tensor, seed: int = 0, damp: float = 0.01) -> torch.Tensor:
-    """QuIP#'s 2-bit E8P weight for `weight` (out, in) under `hessian` (in, in), dequantized in W's basis (float64)."""
+@dataclass
+class E8PWeight:
+    """A linear's weight as QuIP# stores it: the E8P codes of its incoherent form R_outᵀ·W·R_in / scale, the scale, and
+    the seed that draws R_out and R_in."""
+
+    codes: torch.Tensor  # int16 (out, in / 8): each code's 16 bits
+    scale: torch.Tensor  # float32, one value
+    seed: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The quantized weight in W's own basis, float64: R_out·(scale·decode(codes))·R_inᵀ."""
+        out, groups = self.codes.shape
+        r_out, r_in = (r.to(self.codes.device) for r in incoherence_rotations(out, groups * e8p.DIM, self.seed))
+        return r_out @ (e8p.decode(self.codes.long() & 0xFFFF).flatten(-2) * self.scale.double()) @ r_in.T
+
+
+def quip_e8p(weight: torch.Tensor, hessian: torch.Tensor, seed: int = 0, damp: float = 0.01) -> E8PWeight:
+    """QuIP#'s 2-bit E8P weight for `weight` (out, in) under `hessian` (in, in). An identity Hessian gives the nearest
+    codeword of each group (no feedback): E8P's round to nearest."""
     if weight.shape[1] % e8p.DIM:
         raise UserError(f"E8P codes 8 inputs at a time, and this weight has {weight.shape[1]}: a multiple of 8 is needed")
-    r_out, r_in = incoherence_rotations(*weight.shape, seed)
+    r_out, r_in = (r.to(weight.device) for r in incoherence_rotations(*weight.shape, seed))
     w = r_out.T @ weight.double() @ r_in
-    h = r_in.T @ hessian.double() @ r_in
-    scale = w.pow(2).mean().sqrt() * CODEBOOK_SCALE
-    q = block_ldlq(w / scale, h, e8p.quantize, damp=damp)
-    return r_out @ (q * scale) @ r_in.T
+    h = r_in.T @ hessian.to(weight.device, torch.float64) @ r_in
+    scale = (w.pow(2).mean().sqrt() * CODEBOOK_SCALE).float()
+    q = block_ldlq(w / scale.double(), h, e8p.quantize, damp=damp)
+    codes = e8p.encode(q.unflatten(-1, (-1, e8p.DIM)))  # the codewords' own codes: encoding a codeword returns it
+    return E8PWeight(torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16), scale.cpu(), seed)

@@ -14,7 +14,8 @@ from spinquant.eval import gptq_config_from_args, parse_args
 from spinquant.eval import main as eval_main
 from spinquant.eval import quantized_model
 from gptq_reference import whole_model_gptq
-from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer, upper_cholesky_of_inverse
+from spinquant.gptq import GPTQConfig, GPTQResult, first_layer_inputs, gptq_model, gptq_quantize, round_to_nearest, rtn_model, run_layer
+from spinquant.cholesky import upper_cholesky_of_inverse
 from spinquant.models import tiny_llama, tiny_llama_config
 from spinquant.quant import fake_quantize, setting
 from spinquant.rotation import apply_rotations, rotations_for

@@ -1,11 +1,17 @@
 """QuIP#'s BlockLDLQ and incoherence, against slow float64 references."""
 
+import math
+
 import pytest
 import torch
 
 from spinquant import e8p
 from spinquant.errors import UserError
-from spinquant.quip import CODEBOOK_SCALE, block_ldlq, incoherence_rotations, quip_e8p
+from spinquant.eval import main as eval_main
+from spinquant.gptq import GPTQConfig, GPTQResult, gptq_model
+from spinquant.models import tiny_llama, tiny_llama_config
+from spinquant.quant import QuantConfig, quantize_weight
+from spinquant.quip import CODEBOOK_SCALE, E8PWeight, block_ldlq, incoherence_rotations, quip_e8p
 
 
 def correlated_hessian(n: int, seed: int = 0) -> torch.Tensor:
@@ -48,12 +54,15 @@ def test_quip_e8p_holds_codewords_in_the_incoherent_basis_and_beats_nearest_roun
     w = torch.randn(64, 192, dtype=torch.float64, generator=gen)
     w[:, 7] *= 30  # an outlier input, which incoherence spreads
     h = correlated_hessian(192, seed=3)
-    ours = quip_e8p(w, h, seed=5)
+    stored = quip_e8p(w, h, seed=5)
+    ours = stored.dequantize()
     r_out, r_in = incoherence_rotations(64, 192, 5)
     turned = r_out.T @ w @ r_in
-    scale = turned.pow(2).mean().sqrt() * CODEBOOK_SCALE
+    scale = stored.scale.double()
+    assert scale.item() == pytest.approx(turned.pow(2).mean().sqrt().item() * CODEBOOK_SCALE, rel=1e-7)  # float32's rounding
     codes = (r_out.T @ ours @ r_in) / scale
     assert (e8p.quantize(codes) - codes).abs().max() < 1e-9  # every group of 8 is a codeword
+    assert stored.codes.dtype == torch.int16 and torch.equal(e8p.decode(stored.codes.long() & 0xFFFF).flatten(-2), codes.round(decimals=9))
 
     def proxy(q):  # the layer's output error on its calibration inputs, tr(ΔHΔᵀ)
         d = q - w
@@ -72,3 +81,46 @@ def test_codebook_scale_is_the_least_squared_error_for_a_gaussian():
 def test_a_weight_whose_inputs_are_not_a_multiple_of_eight_is_refused():
     with pytest.raises(UserError, match="this weight has 12: a multiple of 8 is needed"):
         quip_e8p(torch.zeros(4, 12), torch.eye(12))
+
+
+def brute_force_nearest(x: torch.Tensor) -> torch.Tensor:
+    """Each group of 8 of x replaced by the nearest of all 2¹⁶ codewords (float64 distances to every one)."""
+    codebook = e8p.decode(torch.arange(1 << 16))
+    groups = x.reshape(-1, e8p.DIM)
+    distance = (groups * groups).sum(-1, keepdim=True) - 2 * groups @ codebook.T + (codebook * codebook).sum(-1)
+    return codebook[distance.argmin(-1)].reshape(x.shape)
+
+
+def test_e8p_round_to_nearest_is_the_nearest_codeword_of_each_group_in_the_incoherent_basis():
+    w = torch.randn(16, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ours = quantize_weight(w, QuantConfig(w_bits=2, w_codebook="e8p"))
+    r_out, r_in = incoherence_rotations(16, 64, 0)
+    turned = r_out.T @ w @ r_in
+    scale = (turned.pow(2).mean().sqrt() * CODEBOOK_SCALE).float().double()
+    assert (ours - r_out @ (brute_force_nearest(turned / scale) * scale) @ r_in.T).abs().max() < 1e-12
+
+
+def test_gptq_with_the_e8p_codebook_puts_every_decoder_linear_on_codes_and_saves_them(tmp_path):
+    model = tiny_llama(tiny_llama_config(hidden=64, intermediate=128, heads=4, kv_heads=2), dtype=torch.float32)
+    windows = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    cfg = GPTQConfig(bits=2, codebook="e8p")
+    weights = gptq_model(model, windows, cfg, torch.device("cpu"), progress=False)
+    assert len(weights) == 2 * 7
+    for name, qw in weights.items():
+        assert isinstance(qw, E8PWeight) and qw.codes.dtype == torch.int16
+        assert torch.equal(model.get_submodule(name).weight, qw.dequantize().float())
+    result = GPTQResult(weights, cfg, "tiny", "none", "calib", "0" * 64, 4, 0.0)
+    result.save(tmp_path / "e8p.pt")
+    loaded = GPTQResult.load(tmp_path / "e8p.pt")
+    assert loaded.config.codebook == "e8p"
+    assert all(torch.equal(loaded.weights[n].dequantize(), qw.dequantize()) for n, qw in weights.items())
+
+
+def test_eval_runs_e8p_with_and_without_blockldlq_and_refuses_other_bits(tiny_hf_dir):
+    args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--quant", "w4a8", "--w-codebook", "e8p"]
+    nearest = eval_main(args)
+    ldlq = eval_main(args + ["--w-gptq", "--calib-text", str(tiny_hf_dir.parent / "text.txt"), "--gptq-windows", "4", "--text", str(tiny_hf_dir / "tokenizer.json")])
+    assert nearest["quant"]["w_bits"] == 2 and ldlq["gptq"]["config"]["codebook"] == "e8p"
+    assert math.isfinite(nearest["perplexity"]) and math.isfinite(ldlq["perplexity"])
+    with pytest.raises(UserError, match="--w-codebook e8p is 2 bits a weight, not 4"):
+        eval_main(args + ["--w-bits", "4"])

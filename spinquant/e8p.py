@@ -19,7 +19,7 @@ import torch
 DIM = 8
 PATTERNS = 256
 SHIFT = 0.25
-CHUNK = 1 << 14  # rows encoded at a time: (rows, 256, 8) float64 intermediates of 256 MiB
+CHUNK = 1 << 10  # rows encoded at a time: (rows, 256, 8) float64 intermediates of 16 MiB, cache-sized (4x faster than 256 MiB here)
 
 
 @cache

@@ -21,6 +21,7 @@ from transformers.activations import SiLUActivation
 import kernels.rms_norm_op  # noqa: F401  (registers torch.ops.spinquant.rms_norm)
 import kernels.rope_op  # noqa: F401  (registers torch.ops.spinquant.rope)
 import kernels.silu_mul_op  # noqa: F401  (registers torch.ops.spinquant.silu_mul)
+from export.e8p_linear import E8PLinears, has_e8p_codes
 from export.kv_cache import KVCache
 from export.per_token_ops import per_token_linear
 from spinquant.rotation import head_dim
@@ -51,9 +52,12 @@ def stacked_bias(linear: nn.Linear) -> torch.Tensor:
     return linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features, dtype=linear.weight.dtype)
 
 
-def one_linear(module: nn.Module, fused: str, parts: tuple[str, ...]) -> nn.Linear:
+def one_linear(module: nn.Module, fused: str, parts: tuple[str, ...]) -> nn.Module:
     """The module's linear `fused` (Phi-3 stores q/k/v and gate/up fused), or one made of its `parts`."""
-    return getattr(module, fused, None) or fused_linear(*(getattr(module, part) for part in parts))
+    linears = [getattr(module, fused)] if hasattr(module, fused) else [getattr(module, part) for part in parts]
+    if has_e8p_codes(linears[0]):
+        return E8PLinears(linears)
+    return linears[0] if len(linears) == 1 else fused_linear(*linears)
 
 
 class CachedAttention(nn.Module):

@@ -17,6 +17,7 @@ from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor 
     IntxUnpackedToInt8TensorActivationQuantization,
 )
 
+from export.e8p_linear import E8PLinears, has_e8p_codes
 from spinquant.rotation import OnlineHadamardLinear
 
 PER_TOKEN = torch.ops.quantized_decomposed
@@ -48,4 +49,6 @@ def per_token_linear(module: nn.Module) -> nn.Module:
     """The module to export in `module`'s place; new wrappers, so the model itself is left as it was."""
     if isinstance(module, OnlineHadamardLinear):
         return OnlineHadamardLinear(per_token_linear(module.linear))
+    if has_e8p_codes(module):
+        return E8PLinears([module])
     return PerTokenInt8Linear(module.weight, module.bias) if has_per_token_int8_activations(module) else module

@@ -49,6 +49,7 @@ from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, layer_linears
 from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear, untie_embeddings
+from spinquant.e8p import DIM as E8P_DIM
 from spinquant.quip import E8PWeight, quip_e8p
 from spinquant.scale_tuning import tune_scales
 from spinquant.torch_files import describe_type, load_torch_file
@@ -183,7 +184,10 @@ def check_result_fits(
     linears = gptq_linears(model, lm_head)
     for name, qw in result.weights.items():
         out, inputs = linears[name].weight.shape
-        if qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):
+        if isinstance(qw, E8PWeight):
+            if qw.codes.shape != (out, inputs // E8P_DIM):
+                raise misfit(source, f"holds {tuple(qw.codes.shape)} E8P codes for {name}, whose weight is ({out}, {inputs})")
+        elif qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):
             raise misfit(source, f"holds {tuple(qw.qdata.shape)} integers with {tuple(qw.scale.shape)} scales for {name}, whose weight is ({out}, {inputs})")
 
 

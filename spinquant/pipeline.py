@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 
 from spinquant.data import calibration_text
 from spinquant.errors import UserError
-from spinquant.gptq import GPTQConfig, GPTQResult, check_result_fits, misfit, rotation_id, run_gptq
+from spinquant.gptq import GPTQConfig, GPTQResult, check_result_fits, gptq_linears, misfit, rotation_id, run_gptq
+from spinquant.quip import quip_e8p
 from spinquant.quant import QuantConfig, check_groups, quantize_model, use_kv_quantization
 from spinquant.rotation import Rotations, rotated_parts, rotations_for
 from spinquant.torchao_quant import ProgramQuant, check_group_size, quantize_for_export, write_gptq_weights
@@ -90,7 +92,7 @@ def quantizes_each_part(quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GP
     """torchao's quantization runs on each part as soon as it is rotated, so that a model loaded in bf16 never
     holds a float32 copy of itself whole (Llama 3.2 3B: 13 GB). GPTQ needs the whole rotated model first,
     a device move the whole model, and fake quantization (evaluation) keeps its float weights anyway."""
-    return isinstance(quant, ProgramQuant) and gptq is None and device is None
+    return isinstance(quant, ProgramQuant) and quant.codebook == "int" and gptq is None and device is None
 
 
 def gptq_takes_lm_head(quant: QuantConfig | ProgramQuant) -> bool:
@@ -98,12 +100,14 @@ def gptq_takes_lm_head(quant: QuantConfig | ProgramQuant) -> bool:
     with it the 4-bit lm_head costs +1.5% of perplexity over an 8-bit one at the export's calibration, +6.6% without
     (results/gptq_calibration.md)."""
     if isinstance(quant, ProgramQuant):
-        return quant.lm_head == "8da4w"
+        return quant.lm_head == "8da4w" and quant.codebook == "int"
     return quant.lm_head and (quant.lm_head_bits, quant.lm_head_group) == (quant.w_bits, quant.w_group)
 
 
 def weight_bits_and_group(quant: QuantConfig | ProgramQuant) -> tuple[int, int]:
-    return (4, quant.group_size) if isinstance(quant, ProgramQuant) else (quant.w_bits, quant.w_group)
+    if isinstance(quant, ProgramQuant):
+        return (2 if quant.codebook == "e8p" else 4), quant.group_size
+    return quant.w_bits, quant.w_group
 
 
 def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: GPTQConfig | GPTQResult | None, source: str) -> None:
@@ -121,8 +125,8 @@ def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq:
         held = f"int{gptq.config.bits} weights with {gptq.config.scale_dtype} scales"
         if gptq.config.bits != bits:
             raise misfit(source, f"holds {held}; this quantization needs int{bits}")
-        if isinstance(quant, ProgramQuant) and gptq.config.codebook != "int":
-            raise misfit(source, f"holds {gptq.config.codebook} codes; the program has no linear for them yet (int4 only)")
+        if isinstance(quant, ProgramQuant) and gptq.config.codebook != quant.codebook:
+            raise misfit(source, f"holds {gptq.config.codebook} weights; --qlinear {quant.qlinear} needs {quant.codebook} ones")
         if isinstance(quant, ProgramQuant) and gptq.config.scale_dtype != "bf16":
             raise misfit(source, f"holds {held}; 8da4w needs int4 with bf16 scales")
 
@@ -135,10 +139,22 @@ def put_gptq_weights(model: LlamaForCausalLM, result: GPTQResult) -> None:
         linear.weight.data = qw.dequantize().to(linear.weight.device, linear.weight.dtype)
 
 
+@torch.no_grad()
+def put_e8p_codes(model: LlamaForCausalLM, result: GPTQResult | None) -> None:
+    """Every decoder linear on E8P codes, kept as `linear.e8p` for the export (export/e8p_linear.py), its weight their
+    dequantized value for the eager model: BlockLDLQ's codes from `result`, else each group's nearest codeword."""
+    linears = gptq_linears(model, lm_head=False)
+    for name, linear in tqdm(linears.items(), desc="E8P codes", unit="linear", disable=result is not None):
+        linear.e8p = result.weights[name] if result is not None else quip_e8p(linear.weight.data)
+        linear.weight.data = linear.e8p.dequantize().to(linear.weight.device, linear.weight.dtype)
+
+
 def quantize(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: GPTQResult | None) -> None:
     if isinstance(quant, ProgramQuant):
         quantize_for_export(model, quant)
-        if gptq is not None:
+        if quant.codebook == "e8p":
+            put_e8p_codes(model, gptq)
+        elif gptq is not None:
             write_gptq_weights(model, gptq)  # torchao rounded to nearest: GPTQ's integers replace its own
     else:
         # GPTQ's linears hold their quantized values already: only their inputs, and K/V, are left to quantize.

@@ -172,7 +172,7 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torc
     if qc.w_codebook == "e8p":
         if ste:
             raise UserError("rotations cannot be learned through E8P codes: learn them for int4 weights, then evaluate with E8P")
-        return quip_e8p(w, torch.eye(w.shape[1], dtype=torch.float64, device=w.device)).dequantize().to(w.dtype)
+        return quip_e8p(w).dequantize().to(w.dtype)
     scale_dtype = torch.bfloat16 if qc.w_scale_dtype == "bf16" and qc.w_group else None
     if qc.w_clip_search:
         return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste, scale_dtype)

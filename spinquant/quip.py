@@ -17,7 +17,7 @@ import torch
 from spinquant import e8p
 from spinquant.cholesky import upper_cholesky_of_inverse
 from spinquant.errors import UserError
-from spinquant.hadamard import random_hadamard_matrix
+from spinquant.hadamard import hadamard_matrix, random_hadamard_matrix
 
 # Least mean squared error of s·Q(x/s) for x ~ N(0, 1) in each coordinate, Q the nearest E8P codeword: s from 0.94 to
 # 0.98 in steps of 0.01 on 40,000 vectors, 0.9137 at 0.96 and 0.97 (0.0920 at 1.0).
@@ -40,10 +40,19 @@ def block_ldlq(w: torch.Tensor, hessian: torch.Tensor, quantize, block: int = e8
 
 
 def incoherence_rotations(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """R_out, R_in: random Hadamard rotations of each side (float64). R_in is drawn from the seed and the input size
-    alone, so linears that share an input (q, k, v) share it too: one online transform serves them all."""
-    return (random_hadamard_matrix(out_features, torch.Generator().manual_seed(2 * seed + 1)),
+    """R_out, R_in: random Hadamard rotations of each side (float64). R_in = diag(±1)·H and R_out = (diag(±1)·H)ᵀ, so
+    that a program turns its input by x·R_in and its output by z·R_outᵀ both as signs then our Hadamard transform (H is
+    not symmetric for every size). R_in is drawn from the seed and the input size alone, so linears that share an input
+    (q, k, v) share it too: one online transform serves them all."""
+    return (random_hadamard_matrix(out_features, torch.Generator().manual_seed(2 * seed + 1)).T,
             random_hadamard_matrix(in_features, torch.Generator().manual_seed(2 * seed)))
+
+
+def incoherence_signs(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """s_out, s_in (float64 ±1) with R_outᵀ = diag(s_out)·H and R_in = diag(s_in)·H: what a program applies before
+    each Hadamard transform. diag(R·Hᵀ) recovers them, H being orthonormal."""
+    r_out, r_in = incoherence_rotations(out_features, in_features, seed)
+    return torch.sign((r_out.T @ hadamard_matrix(out_features).T).diagonal()), torch.sign((r_in @ hadamard_matrix(in_features).T).diagonal())
 
 
 @dataclass
@@ -62,15 +71,16 @@ class E8PWeight:
         return r_out @ (e8p.decode(self.codes.long() & 0xFFFF).flatten(-2) * self.scale.double()) @ r_in.T
 
 
-def quip_e8p(weight: torch.Tensor, hessian: torch.Tensor, seed: int = 0, damp: float = 0.01) -> E8PWeight:
-    """QuIP#'s 2-bit E8P weight for `weight` (out, in) under `hessian` (in, in). An identity Hessian gives the nearest
-    codeword of each group (no feedback): E8P's round to nearest."""
+def quip_e8p(weight: torch.Tensor, hessian: torch.Tensor | None = None, seed: int = 0, damp: float = 0.01) -> E8PWeight:
+    """QuIP#'s 2-bit E8P weight for `weight` (out, in): BlockLDLQ under `hessian` (in, in), or without one each group's
+    nearest codeword (E8P's round to nearest, no feedback)."""
     if weight.shape[1] % e8p.DIM:
         raise UserError(f"E8P codes 8 inputs at a time, and this weight has {weight.shape[1]}: a multiple of 8 is needed")
     r_out, r_in = (r.to(weight.device) for r in incoherence_rotations(*weight.shape, seed))
     w = r_out.T @ weight.double() @ r_in
-    h = r_in.T @ hessian.to(weight.device, torch.float64) @ r_in
     scale = (w.pow(2).mean().sqrt() * CODEBOOK_SCALE).float()
-    q = block_ldlq(w / scale.double(), h, e8p.quantize, damp=damp)
-    codes = e8p.encode(q.unflatten(-1, (-1, e8p.DIM)))  # the codewords' own codes: encoding a codeword returns it
+    target = w / scale.double()
+    if hessian is not None:  # the codewords BlockLDLQ chose; encoding a codeword returns its own code
+        target = block_ldlq(target, r_in.T @ hessian.to(weight.device, torch.float64) @ r_in, e8p.quantize, damp=damp)
+    codes = e8p.encode(target.unflatten(-1, (-1, e8p.DIM)))
     return E8PWeight(torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16), scale.cpu(), seed)

@@ -20,7 +20,7 @@ from spinquant.gptq import GPTQResult, QuantizedWeight
 from spinquant.quant import PROGRAM_INT8_KV, QuantConfig
 from spinquant.rotation import untie_embeddings
 
-QLINEAR = ("8da4w", "8da8w", "4w", "none")
+QLINEAR = ("8da4w", "8da8w", "4w", "e8p2", "none")  # e8p2: QuIP#'s 2-bit E8P codes, our operator (export/e8p_linear.py)
 QEMBEDDING = ("8w", "4w", "none")
 LM_HEAD = ("8da8w", "8da4w", "8w", "none")
 KV_CACHES = ("fp32", "int8")  # what ExecuTorch's KV-cache and SDPA ops run (export/kv_cache.py)
@@ -59,8 +59,13 @@ class ProgramQuant:
         return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options})
 
     def check_takes_gptq(self) -> None:
-        if self.qlinear != "8da4w":
-            raise UserError(f"GPTQ weights are int4 group-wise: use --qlinear 8da4w, not {self.qlinear}")
+        if self.qlinear not in ("8da4w", "e8p2"):
+            raise UserError(f"GPTQ weights are int4 group-wise (or E8P codes): use --qlinear 8da4w (or e8p2), not {self.qlinear}")
+
+    @property
+    def codebook(self) -> str:
+        """What the decoder linears' GPTQ result must hold: GPTQConfig.codebook."""
+        return "e8p" if self.qlinear == "e8p2" else "int"
 
 
 def linear_config(scheme: str, group_size: int):
@@ -111,7 +116,7 @@ def quantize_for_export(model: LlamaForCausalLM, quant: ProgramQuant, part: str 
     decoder = lambda m, fqn: isinstance(m, nn.Linear) and fqn != "lm_head"  # noqa: E731
     in_part = lambda fqn: not part or fqn == part or fqn.startswith(f"{part}.")  # noqa: E731
     for config, only in (
-        (linear_config(quant.qlinear, quant.group_size), decoder),
+        (linear_config(quant.qlinear, quant.group_size) if quant.codebook == "int" else None, decoder),
         (linear_config(quant.lm_head, quant.group_size), lambda m, fqn: fqn == "lm_head"),
         (embedding_config(quant.qembedding, quant.group_size), lambda m, fqn: isinstance(m, nn.Embedding)),
     ):

@@ -1,0 +1,46 @@
+"""Linears whose weights are QuIP#'s E8P codes (spinquant/quip.py), as the program runs them.
+
+W = R_out·(scale·decode(codes))·R_inᵀ with R_in = diag(s_in)·H and R_outᵀ = diag(s_out)·H, so x·Wᵀ is: the input's
+signs flipped and our Hadamard transform (x·R_in), our `spinquant::e8p_linear` on the codes (kernels/e8p_linear_op.py,
+decoding as it multiplies), then the output's signs and the Hadamard transform again (·R_outᵀ). Linears that read one
+input (q, k, v; gate, up) share R_in, so the input is turned once for all of them.
+"""
+
+import torch
+from torch import nn
+
+import kernels.e8p_linear_op  # noqa: F401  (registers torch.ops.spinquant.e8p_linear)
+from spinquant.quip import E8PWeight, incoherence_signs
+
+
+def has_e8p_codes(linear: nn.Module) -> bool:
+    return isinstance(getattr(linear, "e8p", None), E8PWeight)
+
+
+class E8PLinears(nn.Module):
+    """One or more linears of one input, each on E8P codes; their outputs concatenated (biases too, where any has one)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        weights = [linear.e8p for linear in linears]
+        seeds = {w.seed for w in weights}
+        if len(seeds) != 1:
+            raise ValueError(f"linears of one input share R_in: one seed, not {sorted(seeds)}")
+        in_features = linears[0].in_features
+        self.register_buffer("in_signs", incoherence_signs(1, in_features, weights[0].seed)[1].float())
+        for i, (linear, w) in enumerate(zip(linears, weights)):
+            self.register_buffer(f"codes{i}", w.codes.contiguous())
+            self.register_buffer(f"scale{i}", w.scale.float().reshape(()))
+            self.register_buffer(f"out_signs{i}", incoherence_signs(linear.out_features, 1, w.seed)[0].float())
+        self.parts = len(linears)
+        bias = [linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features) for linear in linears]
+        self.bias = nn.Parameter(torch.cat(bias).float(), requires_grad=False) if any(l.bias is not None for l in linears) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        turned = torch.ops.spinquant.hadamard_transform(x * self.in_signs)
+        outs = []
+        for i in range(self.parts):
+            z = torch.ops.spinquant.e8p_linear(turned, getattr(self, f"codes{i}"), getattr(self, f"scale{i}"))
+            outs.append(torch.ops.spinquant.hadamard_transform(z * getattr(self, f"out_signs{i}")))
+        y = outs[0] if self.parts == 1 else torch.cat(outs, -1)
+        return y if self.bias is None else y + self.bias

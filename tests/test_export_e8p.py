@@ -1,0 +1,56 @@
+"""The 2-bit E8P program: linears on QuIP#'s codes through our operator, checked against the dense arithmetic."""
+
+import pytest
+import torch
+from torch import nn
+
+from export.e8p_linear import E8PLinears
+from export.options import ExportOptions
+from export.to_pte import run
+from spinquant.errors import UserError
+from spinquant.eval import main as eval_main
+from spinquant.gptq import GPTQResult
+from spinquant.models import load_model
+from spinquant.pipeline import prepare
+from spinquant.quip import quip_e8p
+
+
+def linear_on_codes(out_features: int, in_features: int, seed: int, bias: bool) -> nn.Linear:
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=gen))
+    linear.e8p = quip_e8p(linear.weight.data)
+    return linear
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linears_of_one_input_on_codes_compute_their_dequantized_weights(bias):
+    """q, k, v sizes of the demo (576 in; 576, 192, 192 out) against x·Wᵀ + b with W decoded in float64."""
+    linears = [linear_on_codes(out, 576, seed, bias) for seed, out in enumerate((576, 192, 192))]
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(9))
+    ours = E8PLinears(linears)(x).double()
+    reference = torch.cat([x.double() @ l.e8p.dequantize().T + (l.bias.double() if bias else 0) for l in linears], -1)
+    assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_e8p2_program_matches_the_eager_model_and_takes_blockldlqs_codes(tiny_hf_dir, tmp_path):
+    text = str(tiny_hf_dir.parent / "text.txt")
+    eval_main(["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir / "tokenizer.json"), "--seqlen", "64", "--quant", "w4a16",
+               "--w-codebook", "e8p", "--w-gptq", "--calib-text", text, "--gptq-windows", "4", "--gptq-output", str(tmp_path / "e8p.pt")])
+    for gptq_file in ("", str(tmp_path / "e8p.pt")):
+        opts = ExportOptions(model=str(tiny_hf_dir), rotation="none", qlinear="e8p2", lm_head="8da8w", gptq_file=gptq_file,
+                             max_seq_len=32, output_dir=tmp_path / "pte").check()
+        report = run(opts)  # its check runs the program against the eager model
+        assert report["verify"]["mean_kl"] < 1e-6 and report["options"]["qlinear"] == "e8p2"
+    saved = GPTQResult.load(tmp_path / "e8p.pt")
+    eager = prepare(load_model(str(tiny_hf_dir)).model, "none", opts.program_quant(), saved)
+    for name, qw in saved.weights.items():
+        assert torch.equal(eager.get_submodule(name).e8p.codes, qw.codes)
+
+
+def test_e8p2_takes_no_int4_gptq(tiny_hf_dir, tmp_path):
+    with pytest.raises(UserError, match="--gptq runs int4 GPTQ; for BlockLDLQ's E8P codes"):
+        ExportOptions(qlinear="e8p2", gptq=True).check()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from spinquant.attention import use_spinquant_attention
@@ -239,7 +240,8 @@ def quantize_model(model: LlamaForCausalLM, qc: QuantConfig, weights_done: Colle
     with torch.no_grad():
         embedding = model.model.embed_tokens
         embedding.weight.data = fake_quantize(embedding.weight.data, qc.embedding_bits, 0, symmetric=True)
-        for linear, linear_qc in quantized_linears(model, qc):
+        # Rounding to int takes a second; E8P's nearest-codeword search takes minutes on a CPU.
+        for linear, linear_qc in tqdm(quantized_linears(model, qc), desc="E8P codes", unit="linear", disable=qc.w_codebook == "int"):
             if linear not in weights_done:
                 linear.weight.data = quantize_weight(linear.weight.data, linear_qc)
             if qc.a_bits < 16:

@@ -34,7 +34,7 @@ class E8PLinears(nn.Module):
             self.register_buffer(f"out_signs{i}", incoherence_signs(linear.out_features, 1, w.seed)[0].float())
         self.parts = len(linears)
         bias = [linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features) for linear in linears]
-        self.bias = nn.Parameter(torch.cat(bias).float(), requires_grad=False) if any(l.bias is not None for l in linears) else None
+        self.bias = nn.Parameter(torch.cat(bias).float(), requires_grad=False) if any(linear.bias is not None for linear in linears) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         turned = torch.ops.spinquant.hadamard_transform(x * self.in_signs)

@@ -32,7 +32,7 @@ def test_linears_of_one_input_on_codes_compute_their_dequantized_weights(bias):
     linears = [linear_on_codes(out, 576, seed, bias) for seed, out in enumerate((576, 192, 192))]
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(9))
     ours = E8PLinears(linears)(x).double()
-    reference = torch.cat([x.double() @ l.e8p.dequantize().T + (l.bias.double() if bias else 0) for l in linears], -1)
+    reference = torch.cat([x.double() @ lin.e8p.dequantize().T + (lin.bias.double() if bias else 0) for lin in linears], -1)
     assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 

@@ -26,12 +26,12 @@ class E8PLinears(nn.Module):
         seeds = {w.seed for w in weights}
         if len(seeds) != 1:
             raise ValueError(f"linears of one input share R_in: one seed, not {sorted(seeds)}")
-        in_features = linears[0].in_features
-        self.register_buffer("in_signs", incoherence_signs(1, in_features, weights[0].seed)[1].float())
         for i, (linear, w) in enumerate(zip(linears, weights)):
+            out_signs, in_signs = incoherence_signs(linear.out_features, linear.in_features, w.seed)  # one seed: one R_in
             self.register_buffer(f"codes{i}", w.codes.contiguous())
             self.register_buffer(f"scale{i}", w.scale.float().reshape(()))
-            self.register_buffer(f"out_signs{i}", incoherence_signs(linear.out_features, 1, w.seed)[0].float())
+            self.register_buffer(f"out_signs{i}", out_signs.float())
+        self.register_buffer("in_signs", in_signs.float())
         self.parts = len(linears)
         bias = [linear.bias.detach() if linear.bias is not None else torch.zeros(linear.out_features) for linear in linears]
         self.bias = nn.Parameter(torch.cat(bias).float(), requires_grad=False) if any(linear.bias is not None for linear in linears) else None

@@ -122,11 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     todo = variants(args)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         rows = list(pool.map(measure, todo, [args] * len(todo)))
-    fp = load_model(args.model).model.to(args.device)
-    windows = token_windows(load_model(args.model).tokenizer, read_text(args.text), 2048, 48)
-    text = read_text(args.text)
+    loaded, text = load_model(args.model), read_text(args.text)
+    windows = token_windows(loaded.tokenizer, text, 2048, 48)
     results = dict(rotation=args.rotation, text=str(args.text), text_sha256=text_sha256(text), environment=environment_line(),
-                   full_precision=ranges_perplexity(fp, windows), rows=rows)
+                   full_precision=ranges_perplexity(loaded.model.to(args.device), windows), rows=rows)
     write_json_atomic(args.output.with_suffix(".json"), results)
     command = "python scripts/scale_tuning_table.py " + " ".join(sys.argv[1:])
     write_atomic(args.output.with_suffix(".md"), markdown(results, command).encode())

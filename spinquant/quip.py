@@ -50,9 +50,9 @@ def incoherence_rotations(out_features: int, in_features: int, seed: int) -> tup
 
 def incoherence_signs(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """s_out, s_in (float64 ±1) with R_outᵀ = diag(s_out)·H and R_in = diag(s_in)·H: what a program applies before
-    each Hadamard transform. diag(R·Hᵀ) recovers them, H being orthonormal."""
+    each Hadamard transform. diag(R·Hᵀ), row by row (R ∘ H summed), recovers them, H being orthonormal."""
     r_out, r_in = incoherence_rotations(out_features, in_features, seed)
-    return torch.sign((r_out.T @ hadamard_matrix(out_features).T).diagonal()), torch.sign((r_in @ hadamard_matrix(in_features).T).diagonal())
+    return torch.sign((r_out.T * hadamard_matrix(out_features)).sum(1)), torch.sign((r_in * hadamard_matrix(in_features)).sum(1))
 
 
 @dataclass

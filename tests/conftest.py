@@ -30,3 +30,11 @@ def tiny_hf_dir(tmp_path_factory):
     tokenizer.save_pretrained(tmp_path / "tiny")
     (tmp_path / "text.txt").write_text(SAMPLE_TEXT)
     return tmp_path / "tiny"
+
+
+@pytest.fixture
+def calib_text(tiny_hf_dir, tmp_path):
+    """A calibration text for the tiny model that is not its evaluation text (GPTQ refuses that one)."""
+    path = tmp_path / "calib.txt"
+    path.write_text((tiny_hf_dir.parent / "text.txt").read_text().replace("Boulter", "Smith"))
+    return path

@@ -138,13 +138,6 @@ def test_too_few_calibration_tokens_is_a_clear_error():
         gptq_model(model, torch.zeros(2, 32, dtype=torch.long), GPTQConfig(), torch.device("cpu"), progress=False)
 
 
-@pytest.fixture
-def calib_text(tiny_hf_dir, tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text((tiny_hf_dir.parent / "text.txt").read_text().replace("Boulter", "Smith"))
-    return path
-
-
 def test_eval_with_gptq_records_the_calibration_and_saves_integers(tiny_hf_dir, calib_text, tmp_path):
     args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--quant", "w4a8"]
     rtn = eval_main(args)

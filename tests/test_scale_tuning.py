@@ -56,13 +56,6 @@ def test_tuning_brings_the_distribution_back_and_keeps_the_integers():
     assert all(p.requires_grad for p in model.parameters())  # frozen while tuning only
 
 
-@pytest.fixture
-def calib_text(tiny_hf_dir, tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text((tiny_hf_dir.parent / "text.txt").read_text().replace("Boulter", "Smith"))
-    return path
-
-
 def test_eval_tunes_gptqs_scales_and_saves_them(tiny_hf_dir, calib_text, tmp_path):
     args = ["--model", str(tiny_hf_dir), "--text", str(tiny_hf_dir.parent / "text.txt"), "--seqlen", "64", "--quant", "w4a8",
             "--w-gptq", "--calib-text", str(calib_text), "--gptq-windows", "4"]

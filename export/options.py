@@ -67,7 +67,7 @@ class ExportOptions:
             raise UserError(f"--group-size {self.group_size} is not supported; choose one of {GROUP_SIZES}")
         if self.gptq is None:
             self.gptq = self.qlinear == "8da4w" and not self.gptq_file
-        if self.gptq and self.qlinear == "e8p2":
+        if self.gptq and self.program_quant().codebook == "e8p":
             raise UserError("--gptq runs int4 GPTQ; for BlockLDLQ's E8P codes run python -m spinquant.eval --w-codebook e8p --w-gptq "
                             "--gptq-output FILE and give --gptq-file FILE (without it, each group takes its nearest codeword)")
         if self.gptq or self.gptq_file:

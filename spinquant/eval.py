@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--w-group", type=int, help="0 = per output channel")
     p.add_argument("--w-asym", action="store_true")
-    p.add_argument("--w-codebook", choices=["int", "e8p"], help="e8p: QuIP#'s 2-bit E8P lattice codes with incoherence (BlockLDLQ with --w-gptq)")
+    p.add_argument("--w-codebook", choices=["int", "e8p"], help="e8p: QuIP#'s E8P lattice codes with incoherence, --w-bits 2 (default), 3 or 4 (BlockLDLQ with --w-gptq)")
     p.add_argument("--w-clip-search", action="store_true", help="per-group MSE search of the clip ratio")
     p.add_argument("--w-clip", type=float, help="a fixed clip ratio of each weight group's range (DuQuant's --swc 0.8)")
     p.add_argument("--a-bits", type=int)
@@ -153,9 +153,9 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         a_sym=args.a_sym or None, w_codebook=args.w_codebook,
     )
     if args.w_codebook == "e8p":
-        if args.w_bits not in (None, 2):
-            raise UserError(f"--w-codebook e8p is 2 bits a weight, not {args.w_bits} (3 and 4, E8P with residual codes, are not built yet)")
-        values["w_bits"] = 2
+        if args.w_bits not in (None, 2, 3, 4):
+            raise UserError(f"--w-codebook e8p is 2, 3 or 4 bits a weight, not {args.w_bits}")
+        values["w_bits"] = args.w_bits or 2
     for flag, ratio in (("--w-clip", args.w_clip), ("--a-clip", args.a_clip)):
         if ratio is not None and not 0 < ratio <= 1:
             raise UserError(f"{flag} {ratio}: a clip ratio is in (0, 1]")

@@ -87,7 +87,7 @@ class GPTQConfig:
     # Steps of end-to-end tuning of the group scales afterwards, integers fixed (spinquant/scale_tuning.py); 0 = none.
     tune_steps: int = 0
     tune_lr: float = 3e-3
-    # "e8p": QuIP#'s incoherence and BlockLDLQ with the E8P codebook instead of int `bits` in groups (spinquant/quip.py);
+    # "e8p": QuIP#'s incoherence and BlockLDLQ with the E8P codebook of `bits` (2, 3, 4) instead of int in groups (spinquant/quip.py);
     # GPTAQ's target still applies, act order and the clip search do not.
     codebook: str = "int"
 
@@ -152,7 +152,8 @@ def _saved_dict(value: object, what: str, path: Path) -> dict:
 def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight | E8PWeight:
     parts = _saved_dict(saved, f"entry {name}", path)
     if isinstance(parts.get("codes"), torch.Tensor) and isinstance(parts.get("scale"), torch.Tensor) and isinstance(parts.get("seed"), int):
-        return E8PWeight(parts["codes"], parts["scale"], parts["seed"])
+        residual = parts.get("residual")
+        return E8PWeight(parts["codes"], parts["scale"], parts["seed"], parts.get("bits", 2), residual if isinstance(residual, torch.Tensor) else None)
     if not all(isinstance(parts.get(key), torch.Tensor) for key in ("qdata", "scale")):
         raise UserError(f"GPTQ file {path}: {name} lacks a qdata or scale tensor; {GPTQ_REMEDY}")
     return QuantizedWeight(parts["qdata"], parts["scale"])
@@ -185,8 +186,9 @@ def check_result_fits(
     for name, qw in result.weights.items():
         out, inputs = linears[name].weight.shape
         if isinstance(qw, E8PWeight):
-            if qw.codes.shape != (out, inputs // E8P_DIM):
-                raise misfit(source, f"holds {tuple(qw.codes.shape)} E8P codes for {name}, whose weight is ({out}, {inputs})")
+            for codes in (qw.codes, qw.residual if qw.residual is not None else qw.codes):
+                if codes.shape != (out, inputs // E8P_DIM):
+                    raise misfit(source, f"holds {tuple(codes.shape)} E8P codes for {name}, whose weight is ({out}, {inputs})")
         elif qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):
             raise misfit(source, f"holds {tuple(qw.qdata.shape)} integers with {tuple(qw.scale.shape)} scales for {name}, whose weight is ({out}, {inputs})")
 
@@ -487,9 +489,9 @@ def e8p_group(linears: list[nn.Linear], hessian: torch.Tensor, cfg: GPTQConfig, 
         w = linear.weight.data.to(hessian.dtype)
         if cross is not None and cfg.asymmetric:
             w = asymmetric_target(w, hessian, cross.to(hessian.dtype), cfg)
-        qw = quip_e8p(w, hessian, damp=cfg.damp)
+        qw = quip_e8p(w, hessian, damp=cfg.damp, bits=cfg.bits)
         linear.weight.data = qw.dequantize().to(linear.weight.dtype)
-        done[linear] = dataclasses.replace(qw, codes=qw.codes.cpu())
+        done[linear] = qw.to("cpu")
     return done
 
 

@@ -106,7 +106,7 @@ def gptq_takes_lm_head(quant: QuantConfig | ProgramQuant) -> bool:
 
 def weight_bits_and_group(quant: QuantConfig | ProgramQuant) -> tuple[int, int]:
     if isinstance(quant, ProgramQuant):
-        return (2 if quant.codebook == "e8p" else 4), quant.group_size
+        return quant.weight_bits, quant.group_size
     return quant.w_bits, quant.w_group
 
 
@@ -124,7 +124,9 @@ def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq:
     if isinstance(gptq, GPTQResult):
         held = f"int{gptq.config.bits} weights with {gptq.config.scale_dtype} scales"
         if gptq.config.bits != bits:
-            raise misfit(source, f"holds {held}; this quantization needs int{bits}")
+            codebook = gptq.config.codebook
+            raise misfit(source, f"holds {gptq.config.bits}-bit {codebook} weights; this quantization needs {bits}-bit ones"
+                         if codebook == "e8p" else f"holds {held}; this quantization needs int{bits}")
         if isinstance(quant, ProgramQuant) and gptq.config.codebook != quant.codebook:
             raise misfit(source, f"holds {gptq.config.codebook} weights; --qlinear {quant.qlinear} needs {quant.codebook} ones")
         if isinstance(quant, ProgramQuant) and gptq.config.scale_dtype != "bf16":
@@ -140,12 +142,12 @@ def put_gptq_weights(model: LlamaForCausalLM, result: GPTQResult) -> None:
 
 
 @torch.no_grad()
-def put_e8p_codes(model: LlamaForCausalLM, result: GPTQResult | None) -> None:
+def put_e8p_codes(model: LlamaForCausalLM, result: GPTQResult | None, bits: int) -> None:
     """Every decoder linear on E8P codes, kept as `linear.e8p` for the export (export/e8p_linear.py), its weight their
     dequantized value for the eager model: BlockLDLQ's codes from `result`, else each group's nearest codeword."""
     linears = gptq_linears(model, lm_head=False)
     for name, linear in tqdm(linears.items(), desc="E8P codes", unit="linear", disable=result is not None):
-        linear.e8p = result.weights[name] if result is not None else quip_e8p(linear.weight.data)
+        linear.e8p = result.weights[name] if result is not None else quip_e8p(linear.weight.data, bits=bits)
         linear.weight.data = linear.e8p.dequantize().to(linear.weight.device, linear.weight.dtype)
 
 
@@ -153,7 +155,7 @@ def quantize(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq: G
     if isinstance(quant, ProgramQuant):
         quantize_for_export(model, quant)
         if quant.codebook == "e8p":
-            put_e8p_codes(model, gptq)
+            put_e8p_codes(model, gptq, quant.weight_bits)
         elif gptq is not None:
             write_gptq_weights(model, gptq)  # torchao rounded to nearest: GPTQ's integers replace its own
     else:

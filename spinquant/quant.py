@@ -44,7 +44,7 @@ class QuantConfig:
     lm_head_bits: int = 16  # lm_head's weight, symmetric in groups of lm_head_group; its input at a_bits
     lm_head_group: int = 0
     embedding_bits: int = 16  # symmetric, one scale per row (the export's 8-bit embedding)
-    w_codebook: str = "int"  # or "e8p": QuIP#'s E8P lattice codes, 2 bits a weight, with incoherence (spinquant/quip.py)
+    w_codebook: str = "int"  # or "e8p": QuIP#'s E8P lattice codes, w_bits 2, 3 or 4, with incoherence (spinquant/quip.py)
 
     @property
     def quantizes_kv(self) -> bool:
@@ -173,7 +173,7 @@ def quantize_weight(w: torch.Tensor, qc: QuantConfig, ste: bool = False) -> torc
     if qc.w_codebook == "e8p":
         if ste:
             raise UserError("rotations cannot be learned through E8P codes: learn them for int4 weights, then evaluate with E8P")
-        return quip_e8p(w).dequantize().to(w.dtype)
+        return quip_e8p(w, bits=qc.w_bits).dequantize().to(w.dtype)
     scale_dtype = torch.bfloat16 if qc.w_scale_dtype == "bf16" and qc.w_group else None
     if qc.w_clip_search:
         return fake_quantize_weight_mse(w, qc.w_bits, qc.w_group, qc.w_sym, ste, scale_dtype)

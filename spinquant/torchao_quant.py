@@ -20,7 +20,9 @@ from spinquant.gptq import GPTQResult, QuantizedWeight
 from spinquant.quant import PROGRAM_INT8_KV, QuantConfig
 from spinquant.rotation import untie_embeddings
 
-QLINEAR = ("8da4w", "8da8w", "4w", "e8p2", "none")  # e8p2: QuIP#'s 2-bit E8P codes, our operator (export/e8p_linear.py)
+# e8p2, e8p4: QuIP#'s 2-bit E8P codes, or 4-bit E8P + E8P residual codes, through our operator (export/e8p_linear.py)
+QLINEAR = ("8da4w", "8da8w", "4w", "e8p2", "e8p4", "none")
+E8P_QLINEAR = {"e8p2": 2, "e8p4": 4}
 QEMBEDDING = ("8w", "4w", "none")
 LM_HEAD = ("8da8w", "8da4w", "8w", "none")
 KV_CACHES = ("fp32", "int8")  # what ExecuTorch's KV-cache and SDPA ops run (export/kv_cache.py)
@@ -59,13 +61,18 @@ class ProgramQuant:
         return cls(**{f.name: options[f.name] for f in dataclasses.fields(cls) if f.name in options})
 
     def check_takes_gptq(self) -> None:
-        if self.qlinear not in ("8da4w", "e8p2"):
-            raise UserError(f"GPTQ weights are int4 group-wise (or E8P codes): use --qlinear 8da4w (or e8p2), not {self.qlinear}")
+        if self.qlinear != "8da4w" and self.qlinear not in E8P_QLINEAR:
+            raise UserError(f"GPTQ weights are int4 group-wise (or E8P codes): use --qlinear 8da4w (or e8p2, e8p4), not {self.qlinear}")
 
     @property
     def codebook(self) -> str:
         """What the decoder linears' GPTQ result must hold: GPTQConfig.codebook."""
-        return "e8p" if self.qlinear == "e8p2" else "int"
+        return "e8p" if self.qlinear in E8P_QLINEAR else "int"
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits per decoder weight that a GPTQ result for this program must hold."""
+        return E8P_QLINEAR.get(self.qlinear, 4)
 
 
 def linear_config(scheme: str, group_size: int):

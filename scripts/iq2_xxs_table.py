@@ -60,17 +60,16 @@ def measure(args: argparse.Namespace) -> dict:
     ours = blockldlq_down_projs(args.e8p_file)
     nearest = nearest_down_projs(fp_down)
     rows = {
-        "full precision": fp.model,
-        "llama.cpp's IQ2_XXS file as it is (down_proj IQ2_XXS, the rest IQ4_NL/Q4_0)": iq2.model,
+        "full precision": lambda: fp.model,
+        "llama.cpp's IQ2_XXS file as it is (down_proj IQ2_XXS, the rest IQ4_NL/Q4_0)": lambda: iq2.model,
         "llama.cpp's file, its down_proj replaced by E8P BlockLDLQ": lambda: with_down_projs(iq2.model, ours),
         "float, down_proj IQ2_XXS (llama.cpp, imatrix)": lambda: with_down_projs(fp.model, iq2_down),
         "float, down_proj E8P BlockLDLQ (ours)": lambda: with_down_projs(fp.model, ours),
         "float, down_proj E8P nearest codewords (ours, no Hessian)": lambda: with_down_projs(fp.model, nearest),
     }
     results = {}
-    for name, model in rows.items():
-        model = model() if callable(model) else model
-        results[name] = perplexity(model, windows)
+    for name, model in rows.items():  # in this order: each row after the first two changes a model the earlier rows used as it was
+        results[name] = perplexity(model(), windows)
         print(f"{name}: {results[name]:.3f}", file=sys.stderr, flush=True)
     return dict(text=str(args.text), text_sha256=text_sha256(text), iq2_gguf=str(args.iq2_gguf), e8p_file=str(args.e8p_file),
                 environment=environment_line(), perplexity=results)

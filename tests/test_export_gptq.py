@@ -74,7 +74,7 @@ def test_gptq_is_the_default_for_int4_linears():
 
 
 def test_gptq_options_are_checked_before_loading():
-    with pytest.raises(UserError, match=r"use --qlinear 8da4w \(or e8p2\), not 8da8w"):
+    with pytest.raises(UserError, match=r"use --qlinear 8da4w \(or e8p2, e8p4\), not 8da8w"):
         ExportOptions(gptq=True, qlinear="8da8w").check()
     with pytest.raises(UserError, match="not both"):
         ExportOptions(gptq=True, gptq_file="g.pt").check()

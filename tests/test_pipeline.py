@@ -39,7 +39,7 @@ def test_settings_that_cannot_work_are_refused_before_the_model_changes():
     before = model.model.layers[0].mlp.down_proj.weight.clone()
     with pytest.raises(UserError, match="GPTQ is asked for int4 in groups of 64; this quantization needs int4 in groups of 32"):
         spinquant.prepare(model, "hadamard", spinquant.setting("w4a8"), spinquant.GPTQConfig(group=64))
-    with pytest.raises(UserError, match=r"use --qlinear 8da4w \(or e8p2\), not 8da8w"):
+    with pytest.raises(UserError, match=r"use --qlinear 8da4w \(or e8p2, e8p4\), not 8da8w"):
         spinquant.prepare(model, "hadamard", spinquant.ProgramQuant(qlinear="8da8w"), spinquant.GPTQConfig())
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, before)
 

@@ -26,11 +26,11 @@ from spinquant.environment import environment_line
 from spinquant.eval import quantized_model
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
-from spinquant.metrics import perplexity
 from spinquant.models import load_model
 from spinquant.quant import SETTINGS
 
-RANGES = (0, 16, 32)  # first windows of the three ranges of 16: the first for choices, the others held out
+from scale_tuning_table import ranges_perplexity
+
 LEARNED = "spinquant/rotations/smollm2_w4a8.pt"
 TUNED = 200  # scale tuning's steps, chosen on windows 0-15 (results/scale_tuning_smollm2.md)
 
@@ -56,10 +56,6 @@ VARIANTS = [
     Variant("best 8da4w without GPTAQ's target", LEARNED, dict(asymmetric=0.0, tune_steps=TUNED)),
     Variant("best 8da4w without GPTQ's MSE clip", LEARNED, dict(clip_search=False, tune_steps=TUNED)),
 ]
-
-
-def ranges_perplexity(model, windows) -> list[float]:
-    return [perplexity(model, windows[first : first + 16], progress=False) for first in RANGES]
 
 
 def measure(variant: Variant, args: argparse.Namespace) -> dict:

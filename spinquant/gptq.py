@@ -152,8 +152,10 @@ def _saved_dict(value: object, what: str, path: Path) -> dict:
 def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight | E8PWeight:
     parts = _saved_dict(saved, f"entry {name}", path)
     if isinstance(parts.get("codes"), torch.Tensor) and isinstance(parts.get("scale"), torch.Tensor) and isinstance(parts.get("seed"), int):
-        residual = parts.get("residual")
-        return E8PWeight(parts["codes"], parts["scale"], parts["seed"], parts.get("bits", 2), residual if isinstance(residual, torch.Tensor) else None)
+        residual, bits = parts.get("residual"), parts.get("bits", 2)
+        if bits not in (2, 3, 4) or not (residual is None or isinstance(residual, torch.Tensor)):
+            raise UserError(f"GPTQ file {path}: {name}'s E8P codes are of {bits!r} bits with a residual of {describe_type(residual)}; {GPTQ_REMEDY}")
+        return E8PWeight(parts["codes"], parts["scale"], parts["seed"], bits, residual)
     if not all(isinstance(parts.get(key), torch.Tensor) for key in ("qdata", "scale")):
         raise UserError(f"GPTQ file {path}: {name} lacks a qdata or scale tensor; {GPTQ_REMEDY}")
     return QuantizedWeight(parts["qdata"], parts["scale"])
@@ -186,7 +188,9 @@ def check_result_fits(
     for name, qw in result.weights.items():
         out, inputs = linears[name].weight.shape
         if isinstance(qw, E8PWeight):
-            for codes in (qw.codes, qw.residual if qw.residual is not None else qw.codes):
+            if (qw.residual is None) != (qw.bits == 2):
+                raise misfit(source, f"holds {qw.bits}-bit E8P codes for {name} {'without' if qw.residual is None else 'with'} residual codes")
+            for codes in [qw.codes] + ([qw.residual] if qw.residual is not None else []):
                 if codes.shape != (out, inputs // E8P_DIM):
                     raise misfit(source, f"holds {tuple(codes.shape)} E8P codes for {name}, whose weight is ({out}, {inputs})")
         elif qw.qdata.shape != (out, inputs) or qw.scale.shape != (out, inputs // (group or inputs)):

@@ -1,5 +1,7 @@
 """The 2- and 4-bit E8P programs: linears on QuIP#'s codes through our operator, checked against the dense arithmetic."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -66,6 +68,11 @@ def test_e8p4_program_matches_the_eager_model_on_blockldlqs_residual_codes(tiny_
                               gptq_file=str(tmp_path / f"e8p{bits}.pt"), max_seq_len=32, output_dir=tmp_path / "wrong").check()
         with pytest.raises(UserError, match=f"holds {bits}-bit e8p weights; this quantization needs {qlinear[-1]}-bit"):
             run(wrong)
+    stripped = GPTQResult.load(tmp_path / "e8p4.pt")
+    stripped.weights = {name: dataclasses.replace(qw, residual=None) for name, qw in stripped.weights.items()}
+    stripped.save(tmp_path / "stripped.pt")
+    with pytest.raises(UserError, match="holds 4-bit E8P codes for .* without residual codes"):
+        run(dataclasses.replace(opts, gptq_file=str(tmp_path / "stripped.pt"), output_dir=tmp_path / "stripped"))
 
 
 def test_e8p2_takes_no_int4_gptq(tiny_hf_dir, tmp_path):

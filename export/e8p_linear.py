@@ -13,6 +13,7 @@ from torch import nn
 
 import kernels.e8p_linear_op  # noqa: F401  (registers torch.ops.spinquant.e8p_linear)
 from spinquant.quip import RESIDUAL_GAIN, E8PWeight, incoherence_signs
+from spinquant.torchao_quant import E8P_QLINEAR
 
 
 def has_e8p_codes(linear: nn.Module) -> bool:
@@ -28,7 +29,7 @@ class E8PLinears(nn.Module):
         seeds = {w.seed for w in weights}
         if len(seeds) != 1:
             raise ValueError(f"linears of one input share R_in: one seed, not {sorted(seeds)}")
-        if bits := sorted({w.bits for w in weights} - {2, 4}):
+        if bits := sorted({w.bits for w in weights} - set(E8P_QLINEAR.values())):
             raise ValueError(f"the program runs 2- and 4-bit E8P codes (E8P residuals), not {bits[0]}-bit ones")
         for i, (linear, w) in enumerate(zip(linears, weights)):
             if w.residual is not None:

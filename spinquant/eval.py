@@ -23,6 +23,7 @@ from spinquant.models import LoadedModel, load_model
 from spinquant.pipeline import prepare
 from spinquant.quant import SETTINGS, QuantConfig, setting
 from spinquant.quiet import add_verbose_flag
+from spinquant.quip import CODEBOOK_SCALE
 from spinquant.rotation import PRESETS
 from spinquant.rotation_cache import duquant_rotation
 
@@ -153,7 +154,7 @@ def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
         a_sym=args.a_sym or None, w_codebook=args.w_codebook,
     )
     if args.w_codebook == "e8p":
-        if args.w_bits not in (None, 2, 3, 4):
+        if args.w_bits not in (None, *CODEBOOK_SCALE):
             raise UserError(f"--w-codebook e8p is 2, 3 or 4 bits a weight, not {args.w_bits}")
         values["w_bits"] = args.w_bits or 2
     for flag, ratio in (("--w-clip", args.w_clip), ("--a-clip", args.a_clip)):

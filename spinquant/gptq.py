@@ -50,7 +50,7 @@ from spinquant.files import write_atomic
 from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear, untie_embeddings
 from spinquant.e8p import DIM as E8P_DIM
-from spinquant.quip import E8PWeight, quip_e8p
+from spinquant.quip import CODEBOOK_SCALE, E8PWeight, quip_e8p
 from spinquant.scale_tuning import tune_scales
 from spinquant.torch_files import describe_type, load_torch_file
 
@@ -153,7 +153,7 @@ def _saved_weight(saved: object, name: str, path: Path) -> QuantizedWeight | E8P
     parts = _saved_dict(saved, f"entry {name}", path)
     if isinstance(parts.get("codes"), torch.Tensor) and isinstance(parts.get("scale"), torch.Tensor) and isinstance(parts.get("seed"), int):
         residual, bits = parts.get("residual"), parts.get("bits", 2)
-        if bits not in (2, 3, 4) or not (residual is None or isinstance(residual, torch.Tensor)):
+        if bits not in CODEBOOK_SCALE or not (residual is None or isinstance(residual, torch.Tensor)):
             raise UserError(f"GPTQ file {path}: {name}'s E8P codes are of {bits!r} bits with a residual of {describe_type(residual)}; {GPTQ_REMEDY}")
         return E8PWeight(parts["codes"], parts["scale"], parts["seed"], bits, residual)
     if not all(isinstance(parts.get(key), torch.Tensor) for key in ("qdata", "scale")):

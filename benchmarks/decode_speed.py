@@ -97,13 +97,17 @@ def prompt_ids(tokenizer_dir: Path, n: int) -> list[int]:
     return [ids[i % len(ids)] for i in range(n)]
 
 
-def run_worker(script: str, spec: dict) -> dict:
-    """`script SPEC RESULT` in a fresh process with `spec['threads']` threads; its result."""
+def run_worker(script: str, spec: dict, checkout: Path = ROOT) -> dict:
+    """`script SPEC RESULT` in a fresh process with `spec['threads']` threads; its result. Another `checkout` of this
+    repository runs its own copy of the script with its own code first on the path, so its own kernels."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}  # llama.cpp's and torch's OpenMP pools
+    if checkout != ROOT:
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), *filter(None, [os.environ.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        done = subprocess.run([sys.executable, str(HERE / script), str(spec_path), str(result_path)], env=env, capture_output=True, text=True)
+        command = [sys.executable, str(checkout / "benchmarks" / script), str(spec_path), str(result_path)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{script} failed for {spec.get('label', spec['path'])} with {spec['threads']} threads:\n{done.stderr[-3000:]}")
         return json.loads(result_path.read_text())

@@ -114,3 +114,16 @@ def test_cpp_attention_matches_dense_float64(runtime, kind, seq, start):
     out = run_program(Attend(), (q, k_cache, v_cache, torch.tensor([start])))
     expected = dense_attention(q, dequantize_rows(k_cache), dequantize_rows(v_cache), start, 0.125)
     assert out.shape == q.shape and relative_error(out, expected) <= 2e-6
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(10, 2, 36), (8, 1, 64), (4, 4, 20)])
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_cpp_attention_any_group_and_head_dim(runtime, kind, heads, kv_heads, dim):
+    """Groups of 5, 8 and 1 query heads go through a block of positions in passes of 4 (AVX-512) or 2 and a rest; head
+    dims of 36 and 20 leave a tail after the eight-lane chunks."""
+    k, v = caches(67, kv_heads, dim, seed=7)
+    q = torch.randn(1, 3, heads, dim, generator=torch.Generator().manual_seed(8))
+    k_cache, v_cache = (quantize_rows(k), quantize_rows(v)) if kind == "int8" else (k, v)
+    out = run_program(Attend(), (q, k_cache, v_cache, torch.tensor([60])))
+    expected = dense_attention(q, dequantize_rows(k_cache), dequantize_rows(v_cache), 60, 0.125)
+    assert out.shape == q.shape and relative_error(out, expected) <= 2e-6

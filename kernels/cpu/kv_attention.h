@@ -54,47 +54,66 @@ inline Floats8 load8(const int8_t* p) {
 
 inline float row_scale(const float*, int64_t) { return 1.0f; }
 
-// Four positions' rows as floats, with their scales. An int8 row is widened once into scratch for all the query heads
-// that read it (three in the demo, four in Llama 3.2 1B), not once per head: the demo's attention 20% faster
-// (results/decode_profile_smollm2.md).
-struct Rows4 {
-  const float* row[4];
+// How many query heads go through a block of four positions together: their 4·H sums, the block's four row chunks and
+// a query chunk stay in registers (32 vector registers with AVX-512; 16 with AVX2, and NEON's 32 hold 16 of these).
+#if defined(__AVX512F__)
+constexpr int kHeadsAtOnce = 4;
+#else
+constexpr int kHeadsAtOnce = 2;
+#endif
+
+// Four positions' rows of one KV head and their scales: each row chunk is loaded (an int8 one widened) once for all the
+// query heads that read it (three in the demo, four in Llama 3.2 1B), not once per head.
+template <typename Row>
+struct Block4 {
+  const Row* row[4];
   float scale[4];
 };
 
-inline Rows4 rows4(const float* first, int64_t stride, int64_t, float*) {
-  return {{first, first + stride, first + 2 * stride, first + 3 * stride}, {1.0f, 1.0f, 1.0f, 1.0f}};
-}
-
-inline Rows4 rows4(const int8_t* first, int64_t stride, int64_t dim, float* scratch) {
-  Rows4 rows;
+template <typename Row>
+Block4<Row> block4(const Row* first, int64_t stride, int64_t dim) {
+  Block4<Row> block;
   for (int r = 0; r < 4; ++r) {
-    const int8_t* row = first + r * stride;
-    float* wide = scratch + r * dim;
-    int64_t d = 0;
-    for (; d + kLanes <= dim; d += kLanes) {
-      const Floats8 v = load8(row + d);
-      std::memcpy(wide + d, &v, sizeof(v));
-    }
-    for (; d < dim; ++d) wide[d] = static_cast<float>(row[d]);
-    rows.row[r] = wide;
-    rows.scale[r] = row_scale(row, dim);
+    block.row[r] = first + r * stride;
+    block.scale[r] = row_scale(block.row[r], dim);
   }
-  return rows;
+  return block;
 }
 
-// scores[0..4) = q · k_j for four positions at once: four independent sums keep the vector units busy.
-inline void dot4(const float* q, const Rows4& k, int64_t dim, float* scores) {
-  Floats8 sums[4] = {};
+// scores[h·stride + r] = q_h · k_r for H query heads (q: H rows of dim) and the block's four positions; each (h, r)
+// sums in eight lanes over the row's chunks in order, then fixed_order.h's sum8 and the tail in sequence.
+template <int H, typename Row>
+void dot4(const float* q, const Block4<Row>& k, int64_t dim, float* scores, int64_t stride) {
+  Floats8 sums[H][4] = {};
   int64_t d = 0;
   for (; d + kLanes <= dim; d += kLanes) {
-    const Floats8 x = load8(q + d);
-    for (int r = 0; r < 4; ++r) sums[r] += x * load8(k.row[r] + d);
+    const Floats8 chunk[4] = {load8(k.row[0] + d), load8(k.row[1] + d), load8(k.row[2] + d), load8(k.row[3] + d)};
+    for (int h = 0; h < H; ++h) {
+      const Floats8 x = load8(q + h * dim + d);
+      for (int r = 0; r < 4; ++r) sums[h][r] += x * chunk[r];
+    }
   }
-  for (int r = 0; r < 4; ++r) {
-    float sum = sum8(sums[r]);
-    for (int64_t e = d; e < dim; ++e) sum += q[e] * k.row[r][e];
-    scores[r] = sum * k.scale[r];
+  for (int h = 0; h < H; ++h) {
+    for (int r = 0; r < 4; ++r) {
+      float sum = sum8(sums[h][r]);
+      for (int64_t e = d; e < dim; ++e) sum += q[h * dim + e] * static_cast<float>(k.row[r][e]);
+      scores[h * stride + r] = sum * k.scale[r];
+    }
+  }
+}
+
+// dot4 for all `heads` query heads, kHeadsAtOnce at a time.
+template <typename Row>
+void dot4_heads(const float* q, int64_t heads, const Block4<Row>& k, int64_t dim, float* scores, int64_t stride) {
+  for (int64_t h = 0; h < heads; h += kHeadsAtOnce) {
+    const float* qh = q + h * dim;
+    float* sh = scores + h * stride;
+    switch (std::min<int64_t>(kHeadsAtOnce, heads - h)) {
+      case 4: dot4<4>(qh, k, dim, sh, stride); break;
+      case 3: dot4<3>(qh, k, dim, sh, stride); break;
+      case 2: dot4<2>(qh, k, dim, sh, stride); break;
+      default: dot4<1>(qh, k, dim, sh, stride);
+    }
   }
 }
 
@@ -105,19 +124,27 @@ float dot(const float* q, const Row* k, int64_t dim) {
   return sum * row_scale(k, dim);
 }
 
-// out += Σ_j w_j · v_j over four positions: out is read and written once per four rows.
-inline void add_scaled4(const float* w, const Rows4& v, int64_t dim, float* out) {
-  float weights[4];
-  for (int r = 0; r < 4; ++r) weights[r] = w[r] * v.scale[r];
+// out_h += Σ_r w_hr · v_r over the block's four positions for every head h (out: heads rows of dim; w_h: scores + h·stride;
+// weights: heads × 4 floats of scratch): out_h is read and written once per block, each v chunk loaded once for all heads.
+template <typename Row>
+void add_scaled4(const float* w, int64_t stride, int64_t heads, const Block4<Row>& v, int64_t dim, float* weights, float* out) {
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int r = 0; r < 4; ++r) weights[4 * h + r] = w[h * stride + r] * v.scale[r];
+  }
   int64_t d = 0;
   for (; d + kLanes <= dim; d += kLanes) {
-    Floats8 o = load8(out + d);
-    o += (weights[0] * load8(v.row[0] + d) + weights[1] * load8(v.row[1] + d)) +
-         (weights[2] * load8(v.row[2] + d) + weights[3] * load8(v.row[3] + d));
-    std::memcpy(out + d, &o, sizeof(o));
+    const Floats8 chunk[4] = {load8(v.row[0] + d), load8(v.row[1] + d), load8(v.row[2] + d), load8(v.row[3] + d)};
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* wh = weights + 4 * h;
+      Floats8 o = load8(out + h * dim + d);
+      o += (wh[0] * chunk[0] + wh[1] * chunk[1]) + (wh[2] * chunk[2] + wh[3] * chunk[3]);
+      std::memcpy(out + h * dim + d, &o, sizeof(o));
+    }
   }
   for (; d < dim; ++d) {
-    for (int r = 0; r < 4; ++r) out[d] += weights[r] * v.row[r][d];
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int r = 0; r < 4; ++r) out[h * dim + d] += weights[4 * h + r] * static_cast<float>(v.row[r][d]);
+    }
   }
 }
 
@@ -149,15 +176,14 @@ struct CacheView {
 };
 
 // out_h = softmax(scale · q_h·kᵀ) · v over positions [0, rows) for the `heads` query heads that share this KV head
-// (q and out: `heads` rows of `dim`; scores: heads × rows floats; wide: 4 × dim floats). The heads go through each
+// (q and out: `heads` rows of `dim`; scores: heads × rows floats; weights: heads × 4 floats). The heads go through each
 // block of four positions together, so a long context's keys and values are read from memory once, not once per head.
 template <typename Row>
 void attend_group(const float* q, int64_t heads, const CacheView<Row>& cache, int64_t dim, float scale, float* scores,
-                  float* wide, float* out) {
+                  float* weights, float* out) {
   const int64_t rows = cache.rows, blocked = rows - rows % 4;
   for (int64_t j = 0; j < blocked; j += 4) {
-    const Rows4 k = rows4(cache.k + j * cache.stride, cache.stride, dim, wide);
-    for (int64_t h = 0; h < heads; ++h) dot4(q + h * dim, k, dim, scores + h * rows + j);
+    dot4_heads(q, heads, block4(cache.k + j * cache.stride, cache.stride, dim), dim, scores + j, rows);
   }
   for (int64_t j = blocked; j < rows; ++j) {
     for (int64_t h = 0; h < heads; ++h) scores[h * rows + j] = dot(q + h * dim, cache.k + j * cache.stride, dim);
@@ -165,8 +191,7 @@ void attend_group(const float* q, int64_t heads, const CacheView<Row>& cache, in
   for (int64_t h = 0; h < heads; ++h) softmax(scores + h * rows, rows, scale);
   std::fill(out, out + heads * dim, 0.0f);
   for (int64_t j = 0; j < blocked; j += 4) {
-    const Rows4 v = rows4(cache.v + j * cache.stride, cache.stride, dim, wide);
-    for (int64_t h = 0; h < heads; ++h) add_scaled4(scores + h * rows + j, v, dim, out + h * dim);
+    add_scaled4(scores + j, rows, heads, block4(cache.v + j * cache.stride, cache.stride, dim), dim, weights, out);
   }
   for (int64_t j = blocked; j < rows; ++j) {
     for (int64_t h = 0; h < heads; ++h) add_scaled(scores[h * rows + j], cache.v + j * cache.stride, dim, out + h * dim);

@@ -31,13 +31,13 @@ bool attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64
   float* result = out.mutable_data_ptr<float>();
   const int64_t tasks = batch * seq * kv_heads;  // each: one query row's heads that share one KV head
   return ::executorch::extension::parallel_for(0, tasks, grain_tasks(start + seq, dim, group), [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scores(new float[group * (start + seq)]), wide(new float[4 * dim]);
+    std::unique_ptr<float[]> scores(new float[group * (start + seq)]), weights(new float[4 * group]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kv_head = task % kv_heads, i = (task / kv_heads) % seq, b = task / (kv_heads * seq);
       const int64_t first = (b * slots * kv_heads + kv_head) * width;  // position 0 of this KV head
       const CacheView<Row> cache{keys + first, values + first, start + i + 1, kv_heads * width};
       const int64_t row = task * group * dim;  // q and out are (batch, seq, heads, dim): a KV head's query heads are adjacent
-      attend_group(queries + row, group, cache, dim, scale, scores.get(), wide.get(), result + row);
+      attend_group(queries + row, group, cache, dim, scale, scores.get(), weights.get(), result + row);
     }
   });
 }

@@ -74,7 +74,8 @@ def label(directory: Path, checkout: Path, report: dict) -> str:
 
 
 def median_round(rounds: list[dict]) -> dict:
-    """The round of median decode speed, with every round's decode speed beside it."""
+    """The round of median decode speed (of an even number, the lower of the middle two), with every round's decode
+    speed beside it."""
     ranked = sorted(rounds, key=lambda r: r["decode_tokens_per_s"])
     return dict(ranked[(len(ranked) - 1) // 2], decode_rounds=[r["decode_tokens_per_s"] for r in rounds])
 

@@ -11,6 +11,7 @@ import yaml
 
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQConfig, gptq_request
+from spinquant.gptq_compact import packaged_gptq
 from spinquant.rotation import default_rotation
 from spinquant.torchao_quant import KV_CACHES, LM_HEAD, QEMBEDDING, QLINEAR, ProgramQuant
 
@@ -29,7 +30,8 @@ class ExportOptions:
     qlinear: str = "8da4w"
     group_size: int = 32
     qembedding: str = "8w"
-    lm_head: str = "8da4w"  # by GPTQ as the decoder's: 12 MB less to read per token than 8da8w, +1.5% perplexity (results/gptq_calibration.md)
+    # 1.4-1.6% lower perplexity than an 8da4w lm_head by GPTQ (results/lm_head_programs_cpu.md); 12 MB more to read per token
+    lm_head: str = "8da8w"
     kv_cache: str = "int8"  # 3.8x fewer KV bytes, the same perplexity and a faster decode step (results/kv_cache_smollm2.md)
     r3: bool = True  # with a quantized KV cache, queries and keys turned by the online Hadamard after RoPE
     max_seq_len: int = 2048
@@ -39,7 +41,9 @@ class ExportOptions:
     verify: bool = True
     full_logits: bool = False  # forward's logits for every position (evaluation), not the last one's (what ships)
     seed: int = 0
-    gptq: bool | None = None  # int4 weights by GPTQ (spinquant/gptq.py) on the calibration text, run now; None: with 8da4w linears
+    # int4 weights by GPTQ (spinquant/gptq.py) on the calibration text, run now. None: with 8da4w linears, the packaged
+    # result when one fits the export (the demo's, tuned on a GPU: spinquant/gptq_compact.py), else GPTQ now
+    gptq: bool | None = None
     gptq_file: str = ""  # or a saved GPTQ result: python -m spinquant.eval --w-gptq --gptq-output FILE
     # 8 windows of 1,024 tokens: GPTQ of the demo in about 2 minutes on a 2-core CPU; 47 windows of 2,048 give a 3% lower
     # perplexity in 2.2 times the time (results/gptq_calibration.md)
@@ -66,6 +70,8 @@ class ExportOptions:
         if self.group_size not in GROUP_SIZES:
             raise UserError(f"--group-size {self.group_size} is not supported; choose one of {GROUP_SIZES}")
         if self.gptq is None:
+            if self.qlinear == "8da4w" and not self.gptq_file:
+                self.gptq_file = packaged_gptq(self.model, self.rotation, self.group_size, lm_head=self.lm_head == "8da4w")
             self.gptq = self.qlinear == "8da4w" and not self.gptq_file
         if self.gptq and self.program_quant().codebook == "e8p":
             raise UserError("--gptq runs int4 GPTQ; for BlockLDLQ's E8P codes run python -m spinquant.eval --w-codebook e8p --w-gptq "

@@ -59,10 +59,12 @@ def parse_args(argv: list[str] | None) -> ExportOptions:
     p.add_argument("--output-dir", type=Path, help=f"(default {d.output_dir})")
     p.add_argument("--dtype", help=f"(default {d.dtype})")
     p.add_argument("--seed", type=int, help="seed of random rotations")
-    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, help="int4 weights (and an 8da4w lm_head) by GPTQ on the calibration text; "
-                   "--no-gptq: round to nearest (default: GPTQ with --qlinear 8da4w, on this CPU; with a GPU, save them with "
-                   "spinquant.eval --w-gptq --quantize-lm-head --device cuda --gptq-output FILE and give --gptq-file FILE)")
-    p.add_argument("--gptq-file", help="a saved GPTQ result (python -m spinquant.eval --w-gptq [--quantize-lm-head for the 8da4w lm_head] --gptq-output FILE)")
+    p.add_argument("--gptq", action=argparse.BooleanOptionalAction, help="int4 weights (and an 8da4w lm_head) by GPTQ on the calibration text, "
+                   "now, on this CPU; --no-gptq: round to nearest (default with --qlinear 8da4w: the packaged GPTQ result where one fits "
+                   "the export, the demo's with its learned rotation and 8da8w lm_head, else GPTQ now; with a GPU, save one with "
+                   "spinquant.eval --w-gptq [--quantize-lm-head] --device cuda --gptq-output FILE and give --gptq-file FILE)")
+    p.add_argument("--gptq-file", help="a saved GPTQ result, plain or compact (python -m spinquant.eval --w-gptq [--quantize-lm-head for "
+                   "the 8da4w lm_head] --gptq-output FILE; scripts/package_gptq.py)")
     p.add_argument("--gptq-windows", type=int, help=f"GPTQ's calibration windows (default {d.gptq_windows})")
     p.add_argument("--gptq-seqlen", type=int, help=f"tokens per GPTQ calibration window, at most --max-seq-len (default {d.gptq_seqlen})")
     p.add_argument("--calib-text", type=Path, help="calibration text for --gptq and --rotation learn/duquant (default: the packaged WikiText-2 calib.txt)")

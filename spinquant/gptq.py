@@ -127,7 +127,11 @@ class GPTQResult:
 
     @staticmethod
     def load(path: Path) -> "GPTQResult":
-        state = load_torch_file(Path(path), "GPTQ file", GPTQ_REMEDY)
+        return GPTQResult.from_state(load_torch_file(Path(path), "GPTQ file", GPTQ_REMEDY), path)
+
+    @staticmethod
+    def from_state(state: object, path: Path) -> "GPTQResult":
+        """A loaded GPTQ file's contents, checked; `path` names it in errors."""
         fields = [f.name for f in dataclasses.fields(GPTQResult)]
         if not isinstance(state, dict) or (missing := [name for name in fields if name not in state]):
             held = f"has no '{missing[0]}'" if isinstance(state, dict) else f"holds {describe_type(state)}"

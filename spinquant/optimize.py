@@ -43,8 +43,8 @@ RECIPES = {
     # shipped Llama 3.2 SpinQuant models); activations int8 per token, asymmetric.
     "executorch": QuantConfig(a_bits=8),
     "w4a8": SETTINGS["w4a8"],  # int4 group-32 RTN weights, int8 activations: rotations for an RTN 8da4w export
-    # The default program's whole quantization: bf16 group scales, the 8-bit embedding, the 8da4w lm_head, the int8 KV cache.
-    "program": SETTINGS["w4a8-program"],
+    # The default program's whole quantization: bf16 group scales, the 8-bit embedding, the 8da8w lm_head, the int8 KV cache.
+    "program": SETTINGS["w4a8-export-kv8"],
     "w4a4kv4": SETTINGS["w4a4kv4"],  # the paper's setting
 }
 

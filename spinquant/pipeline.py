@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerBase
 from spinquant.data import calibration_text
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQConfig, GPTQResult, check_result_fits, gptq_linears, misfit, rotation_id, run_gptq
+from spinquant.gptq_compact import CompactGPTQ, load_gptq_file
 from spinquant.quip import quip_e8p
 from spinquant.quant import QuantConfig, check_groups, quantize_model, use_kv_quantization
 from spinquant.rotation import Rotations, rotated_parts, rotations_for
@@ -50,8 +51,8 @@ def prepare(
 
     rotation: none | r4 | hadamard | orthogonal | a rotation file | a Rotations object (random ones drawn from `seed`).
     gptq: a GPTQConfig runs GPTQ now on `calib_text` (default: the packaged calibration text) with `tokenizer`;
-    a GPTQResult, or the file one was saved to, puts its integers in: it must have been made for this model,
-    under this rotation and group size.
+    a GPTQResult, or the file one was saved to (plain, or compact: spinquant/gptq_compact.py), puts its integers in:
+    it must have been made for this model, under this rotation and group size.
     device: where the model goes after the rotation (fused in float64 where the model is), so that GPTQ and
     the quantization run there; the default leaves it where it is. A GPU rounds some scales differently
     from a CPU (it divides by a constant as a multiplication by its reciprocal), so the two differ in a few
@@ -59,7 +60,10 @@ def prepare(
     """
     source = str(gptq) if isinstance(gptq, (str, Path)) else "passed to prepare()"
     if isinstance(gptq, (str, Path)):
-        gptq = GPTQResult.load(Path(gptq))
+        gptq = load_gptq_file(Path(gptq))
+    compact = gptq if isinstance(gptq, CompactGPTQ) else None
+    if compact is not None:
+        gptq = compact.result  # its scales and record now; its integers once the model is rotated
     rotations = rotation if isinstance(rotation, Rotations) else rotations_for(rotation, model.config, seed, r3=quant.online_r3)
     spec = "custom" if isinstance(rotation, Rotations) else rotation
     check_fits(model, quant, gptq, source)
@@ -79,6 +83,8 @@ def prepare(
     elif isinstance(gptq, GPTQResult):
         # After the rotation: the saved names are the rotated model's (down_proj's linear inside its Hadamard wrapper).
         check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1], gptq_takes_lm_head(quant))
+        if compact is not None:
+            gptq = result = compact.decoded(model, source)
         put_gptq_weights(model, gptq)
     if not each_part:
         quantize(model, quant, result)

@@ -70,9 +70,10 @@ SETTINGS = {
     "w4a8-export": QuantConfig(w_bits=4, a_bits=8, w_scale_dtype="bf16", lm_head_bits=8, embedding_bits=8),
 }
 # The program's int8 KV cache (export/kv_cache.py): keys and values symmetric int8, one scale per token and head.
+# w4a8-export-kv8 is what `python -m export.to_pte` writes by default.
 PROGRAM_INT8_KV = dict(k_bits=8, v_bits=8, kv_group=0, kv_sym=True)
 SETTINGS["w4a8-export-kv8"] = dataclasses.replace(SETTINGS["w4a8-export"], **PROGRAM_INT8_KV)
-# What the default program holds since its lm_head is 8da4w (export/options.py): that lm_head int4 in groups of 32 too.
+# The program with `--lm-head 8da4w` (export/options.py): that lm_head int4 in groups of 32 too, by GPTQ with the decoder.
 SETTINGS["w4a8-program"] = dataclasses.replace(SETTINGS["w4a8-export-kv8"], lm_head_bits=4, lm_head_group=32)
 
 

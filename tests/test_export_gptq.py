@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from export.to_pte import run
 from runner.pte import PteProgram
 from spinquant.errors import UserError
 from spinquant.gptq import GPTQConfig, GPTQResult
+from spinquant.gptq_compact import PACKAGED, save_compact
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
 from spinquant.quant import setting
@@ -24,13 +27,23 @@ def gptq_file(tiny_hf_dir, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def compact_gptq_file(tiny_hf_dir, gptq_file):
+    """The same result saved compactly, against the float model rotated as GPTQ saw it."""
+    rotated = prepare(load_model(str(tiny_hf_dir)).model, "r4", setting("fp"))
+    save_compact(GPTQResult.load(gptq_file), rotated, gptq_file.with_suffix(".gptq"))
+    return gptq_file.with_suffix(".gptq")
+
+
 def eager_8da4w(model_dir, opts: ExportOptions, gptq: GPTQResult | None):
     model = load_model(str(model_dir)).model.requires_grad_(False)
     return prepare(model, opts.rotation, opts.program_quant(), gptq, seed=opts.seed)
 
 
-def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, tmp_path):
-    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path).check()
+@pytest.mark.parametrize("form", ["plain", "compact"])
+def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, compact_gptq_file, form, tmp_path):
+    given = gptq_file if form == "plain" else compact_gptq_file
+    opts = ExportOptions(model=str(tiny_hf_dir), rotation="r4", gptq_file=str(given), lm_head="8da4w", max_seq_len=32, output_dir=tmp_path).check()
     report = run(opts)  # its own check compares the program with the eager GPTQ model
     result = GPTQResult.load(gptq_file)
     assert report["gptq"]["calibration_sha256"] == result.calibration_sha256 and "lm_head" in result.weights
@@ -60,16 +73,20 @@ def test_program_holds_gptq_integers_and_matches_eager(tiny_hf_dir, gptq_file, t
     ],
 )
 def test_a_gptq_file_from_another_setup_is_refused(tiny_hf_dir, gptq_file, tmp_path, overrides, message):
-    opts = ExportOptions(model=str(tiny_hf_dir), gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path, **overrides)
+    opts = ExportOptions(model=str(tiny_hf_dir), gptq_file=str(gptq_file), max_seq_len=32, output_dir=tmp_path, **{"lm_head": "8da4w", **overrides})
     with pytest.raises(UserError, match=message):
         run(opts.check())
 
 
-def test_gptq_is_the_default_for_int4_linears():
-    assert ExportOptions().check().gptq and ExportOptions().lm_head == "8da4w"
+def test_gptq_is_the_default_for_int4_linears_the_packaged_result_where_it_fits():
+    opts = ExportOptions().check()
+    assert opts.lm_head == "8da8w" and not opts.gptq and Path(opts.gptq_file) == PACKAGED["smollm2-135m"]
+    for unfit in (dict(lm_head="8da4w"), dict(rotation="r4"), dict(group_size=64), dict(gptq=True)):
+        opts = ExportOptions(**unfit).check()
+        assert opts.gptq and not opts.gptq_file  # GPTQ now, on this CPU
     assert not ExportOptions(qlinear="8da8w").check().gptq and not ExportOptions(gptq_file="g.pt").check().gptq
     assert not ExportOptions(gptq=False).check().gptq_request()
-    request = ExportOptions(max_seq_len=512).check().gptq_request()
+    request = ExportOptions(rotation="r4", max_seq_len=512).check().gptq_request()
     assert (request.windows, request.seqlen) == (8, 512)  # windows no longer than the program's context
 
 

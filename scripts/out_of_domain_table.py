@@ -47,7 +47,8 @@ def measure(fp_model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, prog
 
 
 def program_line(name: str, options: dict) -> str:
-    gptq = "GPTQ on its calibration text" if options["gptq"] else "round-to-nearest weights"
+    gptq = (f"GPTQ file `{Path(options['gptq_file']).name}`" if options.get("gptq_file")
+            else "GPTQ on its calibration text" if options["gptq"] else "round-to-nearest weights")
     return f"- {name}: rotation `{Path(options['rotation']).name}`, {gptq}, lm_head {options['lm_head']}, KV cache {options['kv_cache']}"
 
 

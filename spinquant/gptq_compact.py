@@ -1,11 +1,12 @@
 """A GPTQ result in about one bit per weight, so that the demo's can ship in the package (spinquant/rotations/).
 
 A saved GPTQ result holds a byte per int4 weight. But GPTQ's integer is round to nearest's under the same scale for
-about four weights in five, and off by one for nearly all the rest (measured on the demo: 80% / 19.7%). So this file
-holds each weight's difference from round to nearest of the rotated float weight, and the reader recomputes round to
-nearest from the rotated model it puts the integers into: the file is only readable against that model. The
-differences are split by where the weight fell between two integers (one near a half goes the other way far more
-often) and each part is lzma-compressed: 0.72 bits of entropy per weight on the demo instead of 0.93 unsplit.
+about four weights in five, and off by one for nearly all the rest (the demo's GPTQ at the export's calibration:
+80.2% the same, 19.7% off by one). So this file holds each weight's difference from round to nearest of the rotated
+float weight, and the reader recomputes round to nearest from the rotated model it puts the integers into: the file is
+only readable against that model. The differences are split by where the weight fell between two integers (one near
+a half goes the other way far more often) and each part is lzma-compressed: there, 0.72 bits of entropy per weight
+split against 0.93 unsplit; the packaged file's differences take 0.69 bits a weight.
 Scales are kept as they are (bf16 bits, lzma). A sha256 of the integers says whether this machine's rotation gave
 back exactly the writer's; a float rounding that differs on some other machine moves a few integers by one.
 """
@@ -56,11 +57,15 @@ class CompactGPTQ:
             nearest[name], x = rounded(linears[name].weight, self.result.weights[name].scale, bits)
             parts.append(fraction_part(x, bits))
         parts = np.concatenate(parts)
-        streams = [np.frombuffer(lzma.decompress(d), dtype=np.int8) for d in self.deltas]
-        if sum(len(s) for s in streams) != len(parts):
-            raise UserError(f"the GPTQ file {source} holds {sum(len(s) for s in streams)} differences for {len(parts)} weights: corrupt; {GPTQ_REMEDY}")
+        if len(self.deltas) != FRACTION_PARTS + 1:
+            raise UserError(f"the GPTQ file {source} holds {len(self.deltas)} parts of differences, not {FRACTION_PARTS + 1}: corrupt; {GPTQ_REMEDY}")
         delta = np.empty(len(parts), dtype=np.int8)
-        delta[np.argsort(parts, kind="stable")] = np.concatenate(streams)
+        for part, stream in enumerate(self.deltas):
+            where = parts == part
+            values = np.frombuffer(lzma.decompress(stream), dtype=np.int8)
+            if len(values) != where.sum():
+                raise UserError(f"the GPTQ file {source} holds {len(values)} differences for {where.sum()} weights: corrupt; {GPTQ_REMEDY}")
+            delta[where] = values
         weights, start, digest = {}, 0, hashlib.sha256()
         qmin, qmax = _qrange(bits)
         for name in names:
@@ -105,9 +110,7 @@ def save_compact(result: GPTQResult, model: nn.Module, path: Path) -> None:
         deltas.append((qw.qdata.to(torch.int8) - q).flatten().numpy())
         digest.update(qw.qdata.to(torch.int8).numpy().tobytes())
     parts, deltas = np.concatenate(parts), np.concatenate(deltas)
-    order = np.argsort(parts, kind="stable")
-    bounds = np.searchsorted(parts[order], np.arange(FRACTION_PARTS + 2))
-    chunks = [deltas[order[a:b]].tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = [deltas[parts == part].tobytes() for part in range(FRACTION_PARTS + 1)]
     with ThreadPoolExecutor() as pool:  # lzma lets go of the GIL: one core per part
         streams = list(pool.map(lambda c: lzma.compress(c, preset=9), chunks))
     scales = torch.cat([result.weights[n].scale.contiguous().view(torch.int16).flatten() for n in names]).numpy().tobytes()

@@ -66,8 +66,11 @@ def test_a_corrupt_or_misfit_compact_file_is_one_line(rotated, tmp_path):
     save_compact(result, rotated, path)
     state = torch.load(path, weights_only=True)
     torch.save({**state, "deltas": state["deltas"][1:]}, tmp_path / "short.gptq")
-    with pytest.raises(UserError, match=r"holds \d+ differences for \d+ weights: corrupt"):
+    with pytest.raises(UserError, match="holds 16 parts of differences, not 17: corrupt"):
         load_gptq_file(tmp_path / "short.gptq").decoded(rotated, "short.gptq")
+    torch.save({**state, "deltas": state["deltas"][::-1]}, tmp_path / "swapped.gptq")
+    with pytest.raises(UserError, match=r"holds \d+ differences for \d+ weights: corrupt"):
+        load_gptq_file(tmp_path / "swapped.gptq").decoded(rotated, "swapped.gptq")
     torch.save({**state, "scales": state["scales"][:100]}, tmp_path / "cut.gptq")
     with pytest.raises(UserError, match="compact GPTQ file .*cut.gptq is corrupt"):
         load_gptq_file(tmp_path / "cut.gptq")

@@ -190,7 +190,7 @@ def test_a_llama_with_biases_exports_and_passes_the_check(tiny_hf_dir, tmp_path,
 
 @pytest.fixture(scope="module")
 def gptq_shapes(tiny_hf_dir) -> dict[str, tuple[int, int]]:
-    """Every linear GPTQ quantizes in the tiny model's default export under R4 (its 8da4w lm_head too), with its weight's shape."""
+    """Every linear GPTQ quantizes in the tiny model's export under R4 with an 8da4w lm_head (lm_head too), with its weight's shape."""
     model = load_model(str(tiny_hf_dir)).model
     apply_rotations(model, rotations_for("r4", model.config))
     return {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -226,7 +226,7 @@ def test_a_gptq_file_that_does_not_fit_is_one_line(case, tiny_hf_dir, gptq_shape
     make, problem = GPTQ_FILES[case]
     path = tmp_path / "gptq.pt"
     make(path, gptq_shapes, str(tiny_hf_dir))
-    line = export_refuses(capsys, tmp_path / "out", "--model", str(tiny_hf_dir), "--rotation", "r4", "--gptq-file", str(path))
+    line = export_refuses(capsys, tmp_path / "out", "--model", str(tiny_hf_dir), "--rotation", "r4", "--lm-head", "8da4w", "--gptq-file", str(path))
     assert problem in line and str(path) in line and "--gptq-output FILE" in line
 
 

@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rotation", default=str(Path("spinquant/rotations/smollm2_w4a8.pt")))
-    p.add_argument("--settings", nargs="+", default=list(LM_HEADS), choices=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", default=["w4a8-program", "w4a8-export-kv8"], choices=list(SETTINGS))
     p.add_argument("--tune-steps", type=int, nargs="+", default=[200])
     p.add_argument("--tune-lr", type=float, nargs="+", default=[GPTQConfig.tune_lr])
     p.add_argument("--a-clip", type=float, nargs="+", default=[1.0], help="activation clip ratios, each a variant")

@@ -36,11 +36,13 @@ class Variant:
     tune_steps: int
     tune_lr: float
     a_clip: float = 1.0  # activations clipped to this share of each token's range (spinquant.eval --a-clip)
+    tune_activations: bool = False  # tuned through the quantized activations (spinquant.eval --gptq-tune-activations)
 
     @property
     def name(self) -> str:
         clip = f" --a-clip {self.a_clip:g}" if self.a_clip != 1 else ""
-        return f"{self.setting}{clip}, tuned {self.tune_steps} steps at {self.tune_lr:g}" if self.tune_steps else f"{self.setting}{clip}, GPTQ alone"
+        through = ", through the quantized activations" if self.tune_activations else ""
+        return f"{self.setting}{clip}, tuned {self.tune_steps} steps at {self.tune_lr:g}{through}" if self.tune_steps else f"{self.setting}{clip}, GPTQ alone"
 
 
 def ranges_perplexity(model, windows) -> list[float]:
@@ -49,11 +51,12 @@ def ranges_perplexity(model, windows) -> list[float]:
 
 def measure(variant: Variant, args: argparse.Namespace) -> dict:
     start = time.time()
-    gptq = GPTQConfig(tune_steps=variant.tune_steps, tune_lr=variant.tune_lr)
+    gptq = GPTQConfig(tune_steps=variant.tune_steps, tune_lr=variant.tune_lr, tune_activations=variant.tune_activations)
     loaded = quantized_model(args.model, args.rotation, setting(variant.setting, a_clip=variant.a_clip), device=args.device, gptq=gptq)
     result = loaded.model.spinquant.gptq
     if args.save_dir:
-        result.save(args.save_dir / f"{variant.setting}_clip{variant.a_clip:g}_tuned{variant.tune_steps}.pt")
+        through = "_through" if variant.tune_activations else ""
+        result.save(args.save_dir / f"{variant.setting}_clip{variant.a_clip:g}_tuned{variant.tune_steps}{through}.pt")
     windows = token_windows(loaded.tokenizer, read_text(args.text), 2048, 48)
     ppl = ranges_perplexity(loaded.model, windows)
     print(f"{variant.name}: {', '.join(f'{p:.3f}' for p in ppl)}", file=sys.stderr, flush=True)
@@ -61,8 +64,8 @@ def measure(variant: Variant, args: argparse.Namespace) -> dict:
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    return [Variant(setting, steps, lr, clip) for setting in args.settings for clip in args.a_clip for steps in (0, *args.tune_steps)
-            for lr in ([args.tune_lr[0]] if steps == 0 else args.tune_lr)]
+    return [Variant(setting, steps, lr, clip, through) for setting in args.settings for clip in args.a_clip for steps in (0, *args.tune_steps)
+            for lr in ([args.tune_lr[0]] if steps == 0 else args.tune_lr) for through in ([False] if steps == 0 else [a == "yes" for a in args.tune_activations])]
 
 
 def markdown(results: dict, command: str) -> str:
@@ -114,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-steps", type=int, nargs="+", default=[200])
     p.add_argument("--tune-lr", type=float, nargs="+", default=[GPTQConfig.tune_lr])
     p.add_argument("--a-clip", type=float, nargs="+", default=[1.0], help="activation clip ratios, each a variant")
+    p.add_argument("--tune-activations", nargs="+", choices=["no", "yes"], default=["no"],
+                   help="tune with the activations in float (no), through their quantization (yes), or both as variants")
     p.add_argument("--text", type=Path, default=evaluation_text())
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="variants measured at once (processes)")

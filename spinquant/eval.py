@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gptq-tune-steps", type=int, default=0, help="then tune GPTQ's group scales end to end for this many steps, "
                    "integers fixed (spinquant/scale_tuning.py; 200 on the demo)")
     p.add_argument("--gptq-tune-lr", type=float, default=GPTQConfig.tune_lr, help="Adam's learning rate on the scales' logarithms")
+    p.add_argument("--gptq-tune-activations", action="store_true",
+                   help="tune through the setting's activation and K/V quantization (straight through), not with them in float")
     p.add_argument("--gptq-scale-dtype", default="bf16", choices=["bf16", "fp32"], help="bf16 = the export's 8da4w scales")
     p.add_argument("--calib-text", type=Path, default=calibration_text(),
                    help="GPTQ's and --rotation duquant's calibration text (never the evaluation text)")
@@ -134,13 +136,15 @@ def gptq_config_from_args(args: argparse.Namespace, qc: QuantConfig) -> GPTQConf
         raise UserError("--gptq-windows must be at least 1 and --gptq-seqlen at least 2")
     if args.gptq_tune_steps < 0 or args.gptq_tune_lr <= 0:
         raise UserError(f"--gptq-tune-steps must be 0 or more and --gptq-tune-lr positive, not {args.gptq_tune_steps} and {args.gptq_tune_lr}")
+    if args.gptq_tune_activations and not args.gptq_tune_steps:
+        raise UserError("--gptq-tune-activations says how to tune: give --gptq-tune-steps N too")
     if qc.w_clip_search or qc.w_clip != 1:
         flag = "--w-clip-search" if qc.w_clip_search else "--w-clip"
         raise UserError(f"{flag} is round-to-nearest's; GPTQ's MSE clip is --gptq-clip-search (on by default)")
     config = GPTQConfig(
         bits=qc.w_bits, group=qc.w_group, damp=args.gptq_damp, act_order=args.gptq_act_order, clip_search=args.gptq_clip_search,
         windows=args.gptq_windows, seqlen=args.gptq_seqlen or args.seqlen, scale_dtype=args.gptq_scale_dtype,
-        tune_steps=args.gptq_tune_steps, tune_lr=args.gptq_tune_lr, codebook=qc.w_codebook,
+        tune_steps=args.gptq_tune_steps, tune_lr=args.gptq_tune_lr, tune_activations=args.gptq_tune_activations, codebook=qc.w_codebook,
     )
     return config
 

@@ -47,7 +47,7 @@ from spinquant.data import text_sha256, token_windows
 from spinquant.errors import UserError
 from spinquant.families import ATTENTION_INPUTS, MLP_INPUTS, layer_linears
 from spinquant.files import write_atomic
-from spinquant.quant import _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
+from spinquant.quant import QuantConfig, _qrange, _scale_and_zero, best_clip_ratio, quantize_input_hook
 from spinquant.rotation import quantized_input_linear, untie_embeddings
 from spinquant.e8p import DIM as E8P_DIM
 from spinquant.quip import CODEBOOK_SCALE, E8PWeight, quip_e8p
@@ -87,6 +87,8 @@ class GPTQConfig:
     # Steps of end-to-end tuning of the group scales afterwards, integers fixed (spinquant/scale_tuning.py); 0 = none.
     tune_steps: int = 0
     tune_lr: float = 3e-3
+    # Tune with the setting's activation and K/V fake quantization in the forward (rounding straight through), not in float.
+    tune_activations: bool = False
     # "e8p": QuIP#'s incoherence and BlockLDLQ with the E8P codebook of `bits` (2, 3, 4) instead of int in groups (spinquant/quip.py);
     # GPTAQ's target still applies, act order and the clip search do not.
     codebook: str = "int"
@@ -600,8 +602,10 @@ def run_gptq(
     model_name: str,
     rotation: str,
     lm_head: bool = False,
+    activations: QuantConfig | None = None,
 ) -> GPTQResult:
-    """GPTQ on the first `cfg.windows` windows of the calibration text (all of them if it has fewer); of lm_head too with `lm_head`."""
+    """GPTQ on the first `cfg.windows` windows of the calibration text (all of them if it has fewer); of lm_head too with `lm_head`.
+    `activations`: the setting whose activation and K/V quantization the scale tuning runs through (cfg.tune_activations)."""
     if not calibration.is_file():
         raise UserError(f"calibration text not found: {calibration}")
     text = calibration.read_text(encoding="utf-8")
@@ -612,7 +616,7 @@ def run_gptq(
     teacher = copy.deepcopy(model) if cfg.tune_steps else None  # the rotated float model: the same function as the original
     weights = rtn_model(model, cfg) if cfg.method == "rtn" else gptq_model(model, windows, cfg, device, lm_head=lm_head)
     if teacher is not None:
-        weights = tune_scales(model, teacher, weights, windows, cfg.tune_steps, cfg.tune_lr)
+        weights = tune_scales(model, teacher, weights, windows, cfg.tune_steps, cfg.tune_lr, activations=activations)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return GPTQResult(

@@ -79,7 +79,7 @@ def prepare(
             raise UserError("GPTQ needs the model's tokenizer for its calibration text")
         home = next(model.parameters()).device
         result = run_gptq(model, tokenizer, calib_text or calibration_text(), gptq, home, model.name_or_path, rotation_id(spec, seed),
-                          lm_head=gptq_takes_lm_head(quant))
+                          lm_head=gptq_takes_lm_head(quant), activations=quant if gptq.tune_activations else None)
     elif isinstance(gptq, GPTQResult):
         # After the rotation: the saved names are the rotated model's (down_proj's linear inside its Hadamard wrapper).
         check_result_fits(gptq, source, model, model.name_or_path, rotation_id(spec, seed), weight_bits_and_group(quant)[1], gptq_takes_lm_head(quant))
@@ -122,6 +122,8 @@ def check_fits(model: LlamaForCausalLM, quant: QuantConfig | ProgramQuant, gptq:
         check_group_size(model, quant)
         if gptq is not None:
             quant.check_takes_gptq()
+        if isinstance(gptq, GPTQConfig) and gptq.tune_activations:
+            raise UserError("tuning through the activations' quantization is for fake quantization (spinquant.eval); the program's are int8")
     else:
         check_groups(model, quant)
     bits, group = weight_bits_and_group(quant)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
@@ -199,9 +200,9 @@ def activation_quantizer(bits: int, group: int, symmetric: bool, clip: float = 1
     return quantize
 
 
-def quantize_input_hook(bits: int, symmetric: bool, clip: float):
+def quantize_input_hook(bits: int, symmetric: bool, clip: float, ste: bool = False):
     """A forward pre-hook quantizing a linear's input per token, as the 8da4w program does."""
-    quantize = activation_quantizer(bits, 0, symmetric, clip)
+    quantize = activation_quantizer(bits, 0, symmetric, clip, ste=ste)
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         return (quantize(args[0]), *args[1:])
@@ -230,6 +231,15 @@ def check_groups(model: LlamaForCausalLM, qc: QuantConfig) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and qc.w_bits < 16 and qc.w_group and m.in_features % qc.w_group:
             raise UserError(f"weight group size {qc.w_group} does not divide {name}'s {m.in_features} inputs")
+
+
+def quantize_activations_straight_through(model: LlamaForCausalLM, qc: QuantConfig) -> list[RemovableHandle]:
+    """The setting's input and K/V fake quantization on `model`, rounding straight through, so that training sees the
+    activations the quantized model will have; the input hooks' handles are returned (quantize_model replaces the K/V's)."""
+    use_kv_quantization(model, qc, ste=True)
+    if qc.a_bits >= 16:
+        return []
+    return [linear.register_forward_pre_hook(quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip, ste=True)) for linear, _ in quantized_linears(model, qc)]
 
 
 def quantize_model(model: LlamaForCausalLM, qc: QuantConfig, weights_done: Collection[nn.Linear] = ()) -> LlamaForCausalLM:

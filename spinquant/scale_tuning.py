@@ -6,7 +6,8 @@ weights, 3% of them) are trained so that the quantized model's distribution come
 KL divergence on the calibration windows, Adam on each scale's logarithm (a scale stays positive and moves in
 proportion to its size), cosine decay to 0. The program holds the same integers and bf16 scales in the same layout,
 so the tuning costs nothing at run time. Activations stay in float while tuning: at W4A8 the int8 activations cost
-the demo 0.1% (results/gptq_smollm2_heldout.md), its weights the rest. Measured: results/scale_tuning_smollm2.md.
+the demo 0.1% (results/gptq_smollm2_heldout.md), its weights the rest. Measured: results/scale_tuning_smollm2.md. At
+4-bit activations they cost most of the gap; `activations` then runs the tuning through them, rounding straight through.
 """
 
 import dataclasses
@@ -18,16 +19,19 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
 
+from spinquant.quant import QuantConfig, quantize_activations_straight_through
+
 BATCH_WINDOWS = 4  # calibration windows per step (the demo's setting in results/scale_tuning_smollm2.md)
 
 
 def tune_scales(
     model: nn.Module, teacher: nn.Module, weights: dict, windows: torch.Tensor, steps: int, lr: float,
-    seed: int = 0, progress: bool = True,
+    seed: int = 0, progress: bool = True, activations: QuantConfig | None = None,
 ) -> dict:
     """`weights` (name → gptq.QuantizedWeight)' scales tuned for `steps` steps so that `model` (holding those linears) matches `teacher`'s
     next-token distributions on `windows`; the tuned weights are written into `model` and returned (same integers,
-    scales in their own dtype)."""
+    scales in their own dtype). With `activations`, `model` runs with that setting's activation and K/V quantization
+    (straight through) while it is tuned."""
     device = next(model.parameters()).device
     ints = {name: qw.qdata.to(device, torch.float32) for name, qw in weights.items()}
     start = {name: qw.scale.to(device, torch.float32) for name, qw in weights.items()}
@@ -37,6 +41,7 @@ def tune_scales(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    hooks = quantize_activations_straight_through(model, activations) if activations is not None else []
     try:
         for step in tqdm(range(steps), desc="scale tuning", unit="step", disable=not progress):
             for group in opt.param_groups:
@@ -49,6 +54,8 @@ def tune_scales(
     finally:
         for p in frozen:
             p.requires_grad_(True)
+        for hook in hooks:
+            hook.remove()
     tuned = {name: dataclasses.replace(qw, scale=(start[name] * log_scales[name].exp()).detach().to(qw.scale.dtype).cpu())
              for name, qw in weights.items()}
     with torch.no_grad():

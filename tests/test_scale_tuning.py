@@ -7,9 +7,12 @@ import torch.nn.functional as F
 from spinquant.errors import UserError
 from spinquant.eval import main as eval_main
 from spinquant.gptq import GPTQConfig, GPTQResult, rtn_model
-from spinquant.models import tiny_llama, tiny_llama_config
+from spinquant.models import load_model, tiny_llama, tiny_llama_config
+from spinquant.pipeline import prepare
+from spinquant.quant import quantize_activations_straight_through, quantize_model, setting
 from spinquant.rotation import apply_rotations, rotations_for
 from spinquant.scale_tuning import dequantized, distribution_loss, tune_scales
+from spinquant.torchao_quant import ProgramQuant
 
 
 def rounded_model(dtype: torch.dtype = torch.float32):
@@ -71,3 +74,45 @@ def test_eval_tunes_gptqs_scales_and_saves_them(tiny_hf_dir, calib_text, tmp_pat
 def test_eval_refuses_bad_tuning_flags(tiny_hf_dir, flags):
     with pytest.raises(UserError, match="--gptq-tune-steps must be 0 or more"):
         eval_main(["--model", str(tiny_hf_dir), "--quant", "w4a8", "--w-gptq", *flags])
+
+
+def hooked(model) -> int:
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_straight_through_inputs_are_quantized_forward_and_pass_the_gradient_unchanged():
+    model, _, _ = rounded_model()
+    handles = quantize_activations_straight_through(model, setting("w4a4kv4"))
+    linear = model.model.layers[0].mlp.up_proj
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = linear(x)
+    assert not torch.allclose(y, x @ linear.weight.T, atol=1e-3)  # the int4 input went in
+    y.sum().backward()
+    # d(input)/dx taken as 1 but at each token's extremes, which move its scale and zero point too
+    same = (x.grad - linear.weight.sum(0)).abs() < 1e-5
+    assert same.sum(-1).min() >= 62
+    for handle in handles:
+        handle.remove()
+    assert hooked(model) == 0
+
+
+def test_tuning_through_quantized_activations_lowers_that_models_kl():
+    """The KL it lowers is the one of the model with those activations; its hooks go when it ends."""
+    qc = setting("w4a4kv4")
+    model, teacher, weights = rounded_model()
+    ids = windows()
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, qc, weights_done=list(quantized.model.layers.modules()))
+    before = kl_in_place(quantized, teacher, ids)
+    tune_scales(model, teacher, weights, ids, steps=40, lr=1e-2, progress=False, activations=qc)
+    assert hooked(model) == 0  # quantize_model puts the setting's own on
+    quantize_model(model, qc, weights_done=list(model.model.layers.modules()))
+    assert kl_in_place(model, teacher, ids) < 0.9 * before
+
+
+def test_tuning_through_activations_is_for_fake_quantization_only(tiny_hf_dir):
+    with pytest.raises(UserError, match="give --gptq-tune-steps N too"):
+        eval_main(["--model", str(tiny_hf_dir), "--quant", "w4a4kv4", "--w-gptq", "--gptq-tune-activations"])
+    model = load_model(str(tiny_hf_dir)).model
+    with pytest.raises(UserError, match="for fake quantization .spinquant.eval.; the program's are int8"):
+        prepare(model, "r4", ProgramQuant(), GPTQConfig(tune_steps=2, tune_activations=True))

@@ -20,17 +20,11 @@ from spinquant.eval import quantized_model
 from spinquant.files import write_atomic, write_json_atomic
 from spinquant.gptq import GPTQConfig
 from spinquant.gptq_compact import save_compact
-from spinquant.metrics import perplexity
 from spinquant.models import load_model
 from spinquant.pipeline import prepare
 from spinquant.quant import SETTINGS
 from spinquant.rotation import default_rotation
-
-RANGES = (0, 16, 32)  # first windows of the three ranges of 16
-
-
-def ranges_perplexity(model, windows) -> list[float]:
-    return [perplexity(model, windows[first : first + 16], progress=False) for first in RANGES]
+from scale_tuning_table import ranges_perplexity
 
 
 def markdown(results: dict, command: str) -> str:
@@ -72,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     rotation = args.rotation or default_rotation(args.model)
     loaded = quantized_model(args.model, rotation, SETTINGS[args.setting], device=args.device, gptq=GPTQConfig(tune_steps=args.tune_steps))
     result = loaded.model.spinquant.gptq
-    windows = token_windows(loaded.tokenizer, read_text(args.text), 2048, 48)
+    text = read_text(args.text)
+    windows = token_windows(loaded.tokenizer, text, 2048, 48)
     tuned = ranges_perplexity(loaded.model, windows)
     del loaded
     original = load_model(args.model)
@@ -83,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = sum(qw.qdata.numel() for qw in result.weights.values())
     results = dict(
         rotation=rotation, setting=args.setting, tune_steps=args.tune_steps, windows=result.windows, text=str(args.text),
-        text_sha256=text_sha256(read_text(args.text)), environment=environment_line(), full_precision=full_precision, tuned=tuned,
+        text_sha256=text_sha256(text), environment=environment_line(), full_precision=full_precision, tuned=tuned,
         gptq_seconds=result.seconds, output=str(args.output), compact_bytes=args.output.stat().st_size,
         compact_seconds=round(time.time() - start, 1), weights=weights, linears=len(result.weights),
         plain_bytes=weights + sum(qw.scale.numel() * qw.scale.element_size() for qw in result.weights.values()),

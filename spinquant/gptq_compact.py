@@ -162,6 +162,6 @@ def packaged_gptq(model: str, rotation: str, group: int, lm_head: bool) -> str:
     path = PACKAGED.get(model)
     if path is None or not path.is_file():
         return ""
-    result = load_gptq_file(path).result
-    fits = result.rotation == rotation_id(rotation, 0) and result.config.group == group and ("lm_head" in result.weights) == lm_head
+    state = load_torch_file(path, "GPTQ file", GPTQ_REMEDY)  # its record alone: every export options' check reads it
+    fits = state["rotation"] == rotation_id(rotation, 0) and state["config"]["group"] == group and ("lm_head" in state["shapes"]) == lm_head
     return str(path) if fits else ""

@@ -233,13 +233,14 @@ def check_groups(model: LlamaForCausalLM, qc: QuantConfig) -> None:
             raise UserError(f"weight group size {qc.w_group} does not divide {name}'s {m.in_features} inputs")
 
 
-def quantize_activations_straight_through(model: LlamaForCausalLM, qc: QuantConfig) -> list[RemovableHandle]:
-    """The setting's input and K/V fake quantization on `model`, rounding straight through, so that training sees the
-    activations the quantized model will have; the input hooks' handles are returned (quantize_model replaces the K/V's)."""
-    use_kv_quantization(model, qc, ste=True)
+def quantize_activations(model: LlamaForCausalLM, qc: QuantConfig, ste: bool = False) -> list[RemovableHandle]:
+    """The setting's input and K/V fake quantization on every forward of `model`; with `ste`, rounding straight through,
+    so that training sees the activations the quantized model will have. Returns the input hooks' handles (a later
+    call replaces the K/V's)."""
+    use_kv_quantization(model, qc, ste=ste)
     if qc.a_bits >= 16:
         return []
-    return [linear.register_forward_pre_hook(quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip, ste=True)) for linear, _ in quantized_linears(model, qc)]
+    return [linear.register_forward_pre_hook(quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip, ste=ste)) for linear, _ in quantized_linears(model, qc)]
 
 
 def quantize_model(model: LlamaForCausalLM, qc: QuantConfig, weights_done: Collection[nn.Linear] = ()) -> LlamaForCausalLM:
@@ -255,7 +256,5 @@ def quantize_model(model: LlamaForCausalLM, qc: QuantConfig, weights_done: Colle
         for linear, linear_qc in tqdm(quantized_linears(model, qc), desc="E8P codes", unit="linear", disable=qc.w_codebook == "int"):
             if linear not in weights_done:
                 linear.weight.data = quantize_weight(linear.weight.data, linear_qc)
-            if qc.a_bits < 16:
-                linear.register_forward_pre_hook(quantize_input_hook(qc.a_bits, qc.a_sym, qc.a_clip))
-    use_kv_quantization(model, qc)
+    quantize_activations(model, qc)
     return model

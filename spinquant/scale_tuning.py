@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm import tqdm
 
-from spinquant.quant import QuantConfig, quantize_activations_straight_through
+from spinquant.quant import QuantConfig, quantize_activations
 
 BATCH_WINDOWS = 4  # calibration windows per step (the demo's setting in results/scale_tuning_smollm2.md)
 
@@ -41,7 +41,7 @@ def tune_scales(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    hooks = quantize_activations_straight_through(model, activations) if activations is not None else []
+    hooks = quantize_activations(model, activations, ste=True) if activations is not None else []
     try:
         for step in tqdm(range(steps), desc="scale tuning", unit="step", disable=not progress):
             for group in opt.param_groups:

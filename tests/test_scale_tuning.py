@@ -9,7 +9,7 @@ from spinquant.eval import main as eval_main
 from spinquant.gptq import GPTQConfig, GPTQResult, rtn_model
 from spinquant.models import load_model, tiny_llama, tiny_llama_config
 from spinquant.pipeline import prepare
-from spinquant.quant import quantize_activations_straight_through, quantize_model, setting
+from spinquant.quant import quantize_activations, quantize_model, setting
 from spinquant.rotation import apply_rotations, rotations_for
 from spinquant.scale_tuning import dequantized, distribution_loss, tune_scales
 from spinquant.torchao_quant import ProgramQuant
@@ -82,7 +82,7 @@ def hooked(model) -> int:
 
 def test_straight_through_inputs_are_quantized_forward_and_pass_the_gradient_unchanged():
     model, _, _ = rounded_model()
-    handles = quantize_activations_straight_through(model, setting("w4a4kv4"))
+    handles = quantize_activations(model, setting("w4a4kv4"), ste=True)
     linear = model.model.layers[0].mlp.up_proj
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     y = linear(x)
